@@ -1,0 +1,657 @@
+"""Typed study configuration: the study file, validated, with errors that name the YAML key.
+
+The schema *is* the documentation: every field has a default (where one makes sense) and a
+docstring. ``load_config(path)`` is the only entry point; it raises :class:`ConfigError`, whose
+message names the file, the key path and the problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid", "bruteforce", "nsgaii")
+PRUNERS = (
+    "median",
+    "percentile",
+    "successive_halving",
+    "hyperband",
+    "threshold",
+    "patient",
+    "wilcoxon",
+    "none",
+)
+DATASETS = ("mnist1d", "digits", "synthetic_regression")
+BUILTIN_TASK = {"mnist1d": "classification", "digits": "classification",
+                "synthetic_regression": "regression"}
+TASK_METRICS = {
+    "classification": ("train_loss", "val_loss", "val_acc"),
+    "regression": ("train_loss", "val_loss", "val_mse", "val_mae"),
+}
+ARCHITECTURES = ("linear", "mlp", "cnn1d", "gru", "resnet_small")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# Train keys that may hold a search distribution instead of a literal.
+SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "optimizer", "momentum")
+
+
+class ConfigError(ValueError):
+    """A study file or argument is malformed. ``str(err)`` is the one-line user message."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key or '<top level>'}: {problem}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------- search distributions
+
+
+class FloatDist(_Strict):
+    """A float search range: ``{type: float, low, high, log: false, step: null}``."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatDist:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("step cannot be used with log: true")
+        if self.step is not None and self.step <= 0:
+            raise ValueError("step must be > 0")
+        return self
+
+
+class IntDist(_Strict):
+    """An integer search range: ``{type: int, low, high, log: false, step: 1}``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> IntDist:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and self.low < 1:
+            raise ValueError(f"log scale needs low >= 1 (got {self.low})")
+        if self.step < 1:
+            raise ValueError("step must be >= 1")
+        if self.log and self.step != 1:
+            raise ValueError("step cannot be used with log: true")
+        return self
+
+
+Scalar = bool | int | float | str | None
+
+
+class CategoricalDist(_Strict):
+    """A choice among literals: ``{type: categorical, choices: [...]}``."""
+
+    type: Literal["categorical"]
+    choices: list[Scalar]
+
+    @field_validator("choices")
+    @classmethod
+    def _non_empty(cls, v: list[Scalar]) -> list[Scalar]:
+        if not v:
+            raise ValueError("choices must not be empty")
+        if len(set(map(repr, v))) != len(v):
+            raise ValueError("choices must be distinct")
+        return v
+
+
+Distribution = Annotated[FloatDist | IntDist | CategoricalDist, Field(discriminator="type")]
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and "type" in value
+
+
+# ---------------------------------------------------------------- sections
+
+
+class SamplerConfig(BaseModel):
+    """``study.sampler``: an Optuna sampler by name; every other key is passed to it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    seed: int | None = None
+
+
+class PrunerConfig(BaseModel):
+    """``study.pruner``: an Optuna pruner by name; every other key is passed to it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Literal[PRUNERS] = "median"  # type: ignore[valid-type]
+
+
+class StudySection(_Strict):
+    name: str
+    """Study name; outputs go to ``<results-dir>/<name>/``."""
+    metric: str = "val_loss"
+    """Monitored metric: val_loss, val_acc (classification), val_mse/val_mae (regression)."""
+    direction: Literal["minimize", "maximize"] = "minimize"
+    n_trials: int = Field(20, ge=1)
+    """Total for the study: rerunning continues to this total."""
+    timeout: float | None = Field(None, gt=0)
+    """Stop starting new trials after this many seconds of this run."""
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    storage: str | None = None
+    """Optuna storage URL; default ``<results-dir>/<name>/journal.log``."""
+    enqueue: list[dict[str, Scalar]] = []
+    """Parameter sets evaluated first (once per study)."""
+    max_retries: int = Field(2, ge=0)
+    """How often a trial whose worker died is resumed before it is left FAIL."""
+    max_initial_failures: int = Field(5, ge=1)
+    """Stop the study if this many first finished trials all failed."""
+    heartbeat_interval: float = Field(2.0, gt=0)
+    """Seconds between a running trial's heartbeats."""
+    grace_period: float = Field(20.0, gt=0)
+    """A RUNNING trial whose heartbeat is older than this is stale (its worker is gone)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", "..") or v.strip() != v:
+            raise ValueError("must be a non-empty name without '/' or surrounding spaces")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if not v.startswith(("val_", "train_")):
+            raise ValueError(f"{v!r} is not a metric: use val_loss, val_acc or another val_* name")
+        return v
+
+
+class DataSection(_Strict):
+    name: str = "mnist1d"
+    """Built-in dataset (mnist1d, digits, synthetic_regression) or "package.module:function"."""
+    args: dict[str, Any] = {}
+    """Passed to the dataset generator / factory."""
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Validation part of the training split."""
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Held-out test part, for datasets that have no test split of their own."""
+    split_seed: int = 0
+    """Seed of the train/validation(/test) split."""
+    in_memory: bool | Literal["auto"] = "auto"
+    """Keep the dataset on the worker's device and batch by slicing (auto: when it fits)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if ":" in v:
+            _check_factory(v)
+        elif v not in DATASETS:
+            raise ValueError(_unknown(v, DATASETS, "dataset"))
+        return v
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["plateau", "none"] = "plateau"
+    """ReduceLROnPlateau on the monitored metric, or none."""
+    patience: int = Field(5, ge=0)
+    factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(10, ge=1)
+    """Epochs without improvement before the trial stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """An improvement smaller than this does not count."""
+
+
+class TrainSection(_Strict):
+    max_epochs: int = Field(20, ge=1)
+    optimizer: Any = "adam"
+    """adam, adamw or sgd (may be searched)."""
+    lr: Any = 1e-3
+    weight_decay: Any = 0.0
+    momentum: Any = 0.9
+    """SGD momentum."""
+    batch_size: Any = 128
+    loss: Literal["auto", "cross_entropy", "mse"] = "auto"
+    """auto: cross_entropy for classification, mse for regression."""
+    lr_scheduler: SchedulerConfig | None = SchedulerConfig()
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
+    seed: int = 0
+    """Base seed; each trial trains with seed + trial number."""
+    on_nonfinite: Literal["fail", "prune"] = "fail"
+    """A NaN/inf loss or metric ends the trial as FAIL (or PRUNED)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _searchables(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key in SEARCHABLE_TRAIN_KEYS:
+            if key in data:
+                data[key] = _parse_value(data[key], key)
+        return data
+
+    @model_validator(mode="after")
+    def _check_literals(self) -> TrainSection:
+        checks = {
+            "lr": lambda v: isinstance(v, (int, float)) and v > 0,
+            "weight_decay": lambda v: isinstance(v, (int, float)) and v >= 0,
+            "momentum": lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+            "batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "optimizer": lambda v: v in OPTIMIZERS,
+        }
+        for key, ok in checks.items():
+            value = getattr(self, key)
+            values = value.choices if isinstance(value, CategoricalDist) else [value]
+            if isinstance(value, (FloatDist, IntDist)):
+                values = [value.low, value.high]
+                if key == "batch_size" and not isinstance(value, IntDist):
+                    raise _KeyError(key, "a searched batch_size must be type: int")
+                if key == "optimizer":
+                    raise _KeyError(key, "a searched optimizer must be type: categorical")
+            for v in values:
+                if not ok(v):
+                    hint = f" (valid: {', '.join(OPTIMIZERS)})" if key == "optimizer" else ""
+                    raise _KeyError(key, f"invalid value {v!r}{hint}")
+        return self
+
+
+class CheckpointSection(_Strict):
+    monitor: str | None = None
+    """Metric to monitor; default: study.metric."""
+    mode: Literal["min", "max"] | None = None
+    """default: from study.direction."""
+    save: Literal["best", "best_and_every_n", "last", "none"] = "best"
+    every_n_epochs: int = Field(5, ge=1)
+    """With save: best_and_every_n, also keep every n-th epoch."""
+    keep_top_k: int = Field(1, ge=1)
+    """Best-epoch checkpoints kept per trial."""
+    keep_top_k_trials: int = Field(5, ge=1)
+    """Trials whose checkpoints are kept (plus each architecture's best)."""
+    filename: str = "epoch{epoch:03d}-{monitor}{value:.4f}.pt"
+    resume_every_n_epochs: int = Field(1, ge=1)
+    """How often the resume state (last.pt) is written."""
+
+    @field_validator("filename")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            name = v.format(epoch=1, monitor="val_loss", value=0.5, trial=3)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"bad template ({err}); use {{epoch}}, {{monitor}}, {{value}}, {{trial}}"
+            ) from None
+        if "/" in name or not name.endswith(".pt") or name == "last.pt":
+            raise ValueError("must give a plain file name ending in .pt (not last.pt)")
+        return v
+
+
+class ResourcesSection(_Strict):
+    devices: Literal["auto", "cpu"] | list[str] = "auto"
+    """auto: every visible CUDA GPU, else the CPU; or a list like [cuda:0, cuda:1]."""
+    trials_per_device: int = Field(1, ge=1)
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    """auto: one per device slot on GPU; one per core on CPU."""
+    torch_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    """auto: the cores split evenly between the workers."""
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must list at least one device")
+            for d in v:
+                if not (d == "cpu" or (d.startswith("cuda:") and d[5:].isdigit())):
+                    raise ValueError(f"{d!r} is not a device: use cpu or cuda:N")
+        return v
+
+
+class ReportSection(_Strict):
+    enabled: bool = True
+    """Write the report when the run ends."""
+    seeds: int = Field(3, ge=0)
+    """Retrain each architecture's best configuration with this many fresh seeds."""
+    top_n: int = Field(5, ge=1)
+    """Top trials per architecture summarised by median and spread."""
+
+
+class ArtifactsSection(_Strict):
+    store: Literal["filesystem", "boto3", "none"] = "filesystem"
+    """Where checkpoints are published as Optuna artifacts."""
+    path: str | None = None
+    """filesystem: folder of the store (default <results>/<name>/artifacts)."""
+    bucket: str | None = None
+    """boto3: bucket name."""
+    endpoint_url: str | None = None
+    """boto3: S3-compatible endpoint."""
+
+    @model_validator(mode="after")
+    def _bucket(self) -> ArtifactsSection:
+        if self.store == "boto3" and not self.bucket:
+            raise ValueError("bucket: required when store is boto3")
+        return self
+
+
+class ArchitectureSpec(BaseModel):
+    """One entry of ``model.architecture``: its (conditional) parameter space."""
+
+    params: dict[str, Any]
+    factory: str | None = None
+
+
+class ModelSection(_Strict):
+    architecture: dict[str, ArchitectureSpec]
+    """Architecture name -> its own parameter sub-space; `factory:` for a user model."""
+    init_from: str | None = None
+    """A checkpoint file or results folder whose weights initialise every trial."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        archs = data.get("architecture")
+        if isinstance(archs, list) and all(isinstance(a, str) for a in archs):
+            archs = {a: {} for a in archs}
+        if not isinstance(archs, dict):
+            return data
+        parsed = {}
+        for name, body in archs.items():
+            body = {} if body is None else body
+            if not isinstance(body, dict):
+                raise _KeyError(f"architecture.{name}", "must be a mapping of parameters")
+            body = dict(body)
+            factory = body.pop("factory", None)
+            if factory is None and name not in ARCHITECTURES:
+                raise _KeyError(
+                    f"architecture.{name}",
+                    _unknown(str(name), ARCHITECTURES, "architecture")
+                    + ' (or give `factory: "package.module:function"`)',
+                )
+            if factory is not None:
+                if not isinstance(factory, str):
+                    raise _KeyError(f"architecture.{name}.factory", "must be a string")
+                try:
+                    _check_factory(factory)
+                except ValueError as err:
+                    raise _KeyError(f"architecture.{name}.factory", str(err)) from None
+            params = {}
+            for key, value in body.items():
+                if key == "architecture":
+                    raise _KeyError(f"architecture.{name}.{key}", "is a reserved name")
+                if key in SEARCHABLE_TRAIN_KEYS:
+                    raise _KeyError(
+                        f"architecture.{name}.{key}",
+                        "clashes with the train key of that name; rename it",
+                    )
+                try:
+                    params[key] = _parse_value(value, key)
+                except _KeyError as err:
+                    raise _KeyError(f"architecture.{name}.{err.key}", err.problem) from None
+            parsed[name] = {"params": params, "factory": factory}
+        return {**data, "architecture": parsed}
+
+    @field_validator("architecture")
+    @classmethod
+    def _non_empty(cls, v: dict[str, ArchitectureSpec]) -> dict[str, ArchitectureSpec]:
+        if not v:
+            raise ValueError("must name at least one architecture")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSection:
+        # Optuna refuses one parameter name with two kinds of distribution in one study.
+        seen: dict[str, tuple[str, Any]] = {}
+        for arch, spec in self.architecture.items():
+            for key, value in spec.params.items():
+                kind = _kind(value)
+                if key in seen and seen[key][1] != kind:
+                    raise _KeyError(
+                        f"architecture.{arch}.{key}",
+                        f"is {kind[0]} here but {seen[key][1][0]} in architecture "
+                        f"{seen[key][0]}; a shared name needs the same type (and choices)",
+                    )
+                seen.setdefault(key, (arch, kind))
+        return self
+
+
+def _kind(value: Any) -> tuple[str, Any]:
+    if isinstance(value, CategoricalDist):
+        return ("categorical", tuple(map(repr, value.choices)))
+    if isinstance(value, (FloatDist, IntDist)):
+        return (value.type, None)
+    return ("literal", None)
+
+
+class StudyConfig(_Strict):
+    """A whole study file."""
+
+    study: StudySection
+    data: DataSection = DataSection()
+    model: ModelSection
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    resources: ResourcesSection = ResourcesSection()
+    report: ReportSection = ReportSection()
+    artifacts: ArtifactsSection = ArtifactsSection()
+
+    @model_validator(mode="after")
+    def _defaults_and_enqueue(self) -> StudyConfig:
+        task = BUILTIN_TASK.get(self.data.name)
+        if task is not None:
+            for key, name in (("study.metric", self.study.metric),
+                              ("checkpoint.monitor", self.checkpoint.monitor)):
+                if name is not None and name not in TASK_METRICS[task]:
+                    raise _KeyError(key, f"{name!r} is not computed for {self.data.name} "
+                                    f"({task}); available: {', '.join(TASK_METRICS[task])}")
+        if self.model.init_from is not None:
+            src = Path(self.model.init_from)
+            if not (src.is_file() or (src / "best" / "model.pt").exists()):
+                raise _KeyError("model.init_from", f"{src} is neither a checkpoint file nor a "
+                                "results folder with best/model.pt")
+        if self.checkpoint.monitor is None:
+            self.checkpoint.monitor = self.study.metric
+        if self.checkpoint.mode is None:
+            self.checkpoint.mode = "max" if self.study.direction == "maximize" else "min"
+        for i, params in enumerate(self.study.enqueue):
+            arch = params.get("architecture")
+            if arch is None and len(self.model.architecture) == 1:
+                arch = next(iter(self.model.architecture))
+            if arch not in self.model.architecture:
+                raise _KeyError(
+                    f"study.enqueue.{i}.architecture",
+                    _unknown(str(arch), tuple(self.model.architecture), "architecture"),
+                )
+            allowed = set(self.model.architecture[arch].params) | set(SEARCHABLE_TRAIN_KEYS)
+            allowed.add("architecture")
+            for key in params:
+                if key not in allowed:
+                    raise _KeyError(
+                        f"study.enqueue.{i}.{key}",
+                        _unknown(key, tuple(sorted(allowed)), f"parameter of {arch}"),
+                    )
+        return self
+
+    @property
+    def minimize(self) -> bool:
+        return self.study.direction == "minimize"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class _KeyError(ValueError):
+    """Raised inside validators to name a key path below the validated field."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
+
+
+def _parse_value(value: Any, key: str) -> Any:
+    if _is_distribution(value):
+        kind = value.get("type")
+        model = {"float": FloatDist, "int": IntDist, "categorical": CategoricalDist}.get(kind)
+        if model is None:
+            raise _KeyError(
+                f"{key}.type", _unknown(str(kind), ("float", "int", "categorical"), "type")
+            )
+        try:
+            return model.model_validate(value)
+        except ValidationError as err:
+            sub, problem = _first_error(err)
+            raise _KeyError(f"{key}.{sub}" if sub else key, problem) from None
+    if isinstance(value, dict):
+        raise _KeyError(key, "a search distribution needs `type: float|int|categorical`")
+    if isinstance(value, list):
+        raise _KeyError(key, "use {type: categorical, choices: [...]} to search over a list")
+    return value
+
+
+def _check_factory(path: str) -> None:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{path!r} is not of the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any import-time failure is the user's to see
+        raise ValueError(f"cannot import {module_name!r}: {err}") from None
+    if not callable(getattr(module, attr, None)):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+
+
+def resolve_factory(path: str) -> Any:
+    """Import ``"package.module:function"`` and return the callable."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _unknown(value: str, valid: tuple[str, ...], what: str) -> str:
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {value!r}{hint} (valid: {', '.join(valid)})"
+
+
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    # Discriminated unions add the tag as a path element; drop it for readability.
+    loc = [p for p in loc if p not in ("float", "int", "categorical")]
+    msg = e["msg"].removeprefix("Value error, ")
+    ctx_err = (e.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyError):
+        loc, msg = loc + ctx_err.key.split("."), ctx_err.problem
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return ".".join(loc), msg
+
+
+def _suggest_key(model: type[BaseModel], loc: list[str]) -> str:
+    """For an unknown key, find the nearest valid sibling name."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return ""
+    if not hasattr(cls, "model_fields"):
+        return ""
+    valid = tuple(cls.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (valid: {', '.join(valid)})"
+
+
+def parse_config(raw: Any, source: str = "") -> StudyConfig:
+    """Validate an already-parsed study mapping. Raises ConfigError."""
+    if raw is None:
+        raise ConfigError(source, "", "the study file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", f"must be a mapping of sections, not {type(raw).__name__}")
+    try:
+        return StudyConfig.model_validate(raw)
+    except _KeyError as err:
+        raise ConfigError(source, f"model.{err.key}", err.problem) from None
+    except ValidationError as err:
+        key, problem = _first_error(err)
+        e = err.errors()[0]
+        if e["type"] == "extra_forbidden":
+            problem = "unknown key" + _suggest_key(StudyConfig, key.split("."))
+        elif e["type"] == "missing":
+            problem = "required key is missing"
+        elif e["type"] == "literal_error":
+            got = e.get("input")
+            expected = (e.get("ctx") or {}).get("expected", "")
+            valid = tuple(x.strip().strip("'") for x in str(expected).replace(" or ", ",").split(","))
+            problem = _unknown(str(got), tuple(v for v in valid if v), "value")
+        if key.startswith("model.architecture.") and key.endswith(".params"):
+            key = key.removesuffix(".params")
+        return _raise(source, key, problem)
+
+
+def _raise(source: str, key: str, problem: str) -> StudyConfig:
+    raise ConfigError(source, key, problem)
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study file.
+
+    Args:
+        path: A YAML study file.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, not YAML, or not a valid study.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(source, "", f"cannot read the file: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(source, "", f"YAML syntax error{where}: {problem}") from None
+    return parse_config(raw, source)

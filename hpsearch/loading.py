@@ -1,0 +1,41 @@
+"""Rebuild models from checkpoints: ``load_best_model`` and ``load_model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hpsearch.checkpoint import load_checkpoint
+from hpsearch.models import build_model
+
+
+def load_model(path: str | Path, map_location: Any = None) -> nn.Module:
+    """Rebuild the model of any hpsearch checkpoint file, in eval mode, with its weights."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    meta = ckpt["model"]
+    model = build_model(
+        meta["architecture"],
+        meta["params"],
+        meta["input_shape"],
+        meta["output_size"],
+        meta.get("factory"),
+    )
+    model.load_state_dict(ckpt["model_state_dict"])
+    if map_location is not None:
+        model.to(map_location)
+    return model.eval()
+
+
+def load_best_model(path: str | Path, map_location: Any = None) -> nn.Module:
+    """The study-best model, rebuilt, in eval mode.
+
+    Args:
+        path: A study's results folder (``results/<study>``) or its study file.
+        map_location: Device for the weights, as for ``torch.load``.
+
+    Raises:
+        CheckpointError: No study best yet, or its file is missing or corrupt.
+    """
+    return load_model(path, map_location=map_location)

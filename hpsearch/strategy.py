@@ -1,0 +1,58 @@
+"""Sampler and pruner from the study file.
+
+``optuna.load_study`` restores neither, so every process that asks for trials builds both here
+from the config; otherwise a worker would silently run unseeded TPE and the median pruner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from hpsearch.config import PrunerConfig, SamplerConfig
+
+_SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "grid": optuna.samplers.GridSampler,
+    "bruteforce": optuna.samplers.BruteForceSampler,
+    "nsgaii": optuna.samplers.NSGAIISampler,
+}
+
+_PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "patient": optuna.pruners.PatientPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def build_sampler(cfg: SamplerConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """Build the sampler; ``seed_offset`` keeps parallel workers from drawing the same points.
+
+    Raises:
+        TypeError/ValueError: The study file gave arguments the sampler does not take.
+    """
+    kwargs: dict[str, Any] = dict(cfg.model_extra or {})
+    if cfg.seed is not None:
+        kwargs["seed"] = cfg.seed + seed_offset
+    return _SAMPLERS[cfg.name](**kwargs)
+
+
+def build_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
+    """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``."""
+    kwargs: dict[str, Any] = dict(cfg.model_extra or {})
+    if cfg.name == "patient":
+        wrapped = kwargs.pop("wrapped", None)
+        kwargs["wrapped_pruner"] = (
+            build_pruner(PrunerConfig.model_validate(wrapped)) if wrapped else None
+        )
+    return _PRUNERS[cfg.name](**kwargs)

@@ -1,0 +1,484 @@
+"""Device slots, long-lived worker processes, and the parent that supervises them.
+
+One worker process per device slot, started through joblib's process executor (loky), each
+pinned explicitly to its device (loky reuses processes, so per-task CUDA_VISIBLE_DEVICES would
+leak between tasks). A worker loads the study with its own sampler and pruner, loads the
+dataset once, and claims trials until the study's budget is used.
+
+The parent watches them: a worker that dies (SIGKILL, segfault, OOM-kill) is noticed within a
+second, its trial is failed and queued to resume from its ``last.pt``, and a replacement worker
+starts on the same slot. On Ctrl-C / SIGTERM the workers finish nothing new, leave their resume
+state, queue their trials, and exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from joblib.externals.loky import ProcessPoolExecutor
+from joblib.externals.loky.process_executor import BrokenProcessPool
+from optuna.trial import TrialState
+
+from hpsearch import data as data_mod
+from hpsearch.checkpoint import atomic_write_json, file_lock
+from hpsearch.config import ResourcesSection, StudyConfig
+from hpsearch.keeper import apply_retention, discard_resume_state, offer_best
+from hpsearch.space import sample
+from hpsearch.storage import (
+    FINISHED,
+    HOST,
+    counted,
+    fail_trial,
+    frozen,
+    heartbeat_path,
+    open_storage,
+    retried_numbers,
+    write_heartbeat,
+)
+from hpsearch.strategy import build_pruner, build_sampler
+from hpsearch.train import Interrupted, NonFiniteError, TrialEnv, run_trial, trial_dir
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    device: str
+    threads: int
+
+
+def visible_devices(devices: Any) -> list[str]:
+    if devices == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    if devices == "cpu":
+        return ["cpu"]
+    return list(devices)
+
+
+def plan_slots(res: ResourcesSection, cores: int | None = None) -> list[Slot]:
+    """Device slots: ``trials_per_device`` per GPU; on CPU one per core (or ``workers``)."""
+    cores = cores or os.cpu_count() or 1
+    devices = visible_devices(res.devices)
+    if devices == ["cpu"]:
+        n = cores if res.workers == "auto" else int(res.workers)
+        n = max(1, n)
+        slot_devices = ["cpu"] * n
+    else:
+        slot_devices = [d for d in devices for _ in range(res.trials_per_device)]
+        if res.workers != "auto":
+            slot_devices = slot_devices[: int(res.workers)] or slot_devices[:1]
+    threads = (
+        max(1, cores // len(slot_devices)) if res.torch_threads == "auto" else res.torch_threads
+    )
+    return [Slot(i, d, threads) for i, d in enumerate(slot_devices)]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one study keeps its run-time files."""
+
+    results_dir: Path
+
+    @property
+    def control(self) -> Path:
+        return self.results_dir / ".hpsearch"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.control / "stop"
+
+    @property
+    def abort_file(self) -> Path:
+        return self.control / "abort"
+
+    def status_file(self, slot: int) -> Path:
+        return self.control / "workers" / f"slot-{slot}.json"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.results_dir / "data"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: StudyConfig
+    results_dir: str
+    storage: str
+    slot: Slot
+    generation: int
+    parent_pid: int
+    run_started: float
+    deadline: float | None
+
+
+# ---------------------------------------------------------------- inside a worker process
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the running trial's heartbeat and exits the process if the parent dies."""
+
+    def __init__(self, spec: WorkerSpec, storage: optuna.storages.BaseStorage) -> None:
+        super().__init__(daemon=True, name="hpsearch-heartbeat")
+        self.spec, self.storage = spec, storage
+        self.trial: optuna.Trial | None = None
+        self.rdb = isinstance(storage, optuna.storages.RDBStorage)
+
+    def beat(self) -> None:
+        trial = self.trial
+        if trial is None:
+            return
+        write_heartbeat(Path(self.spec.results_dir), trial.number)
+        if self.rdb:
+            self.storage.record_heartbeat(trial._trial_id)
+
+    def run(self) -> None:
+        last = 0.0
+        while True:
+            if os.getppid() != self.spec.parent_pid:
+                # Orphaned: the trial stays RUNNING and the next run resumes it.
+                os._exit(3)
+            if time.monotonic() - last >= self.spec.config.study.heartbeat_interval:
+                last = time.monotonic()
+                try:
+                    self.beat()
+                except Exception:  # a missed beat only makes the trial look stale sooner
+                    pass
+            time.sleep(0.25)
+
+
+class _TrialLog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, line: str) -> None:
+        self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _StopCheck:
+    """Cheap enough to call every second from the training loop."""
+
+    def __init__(self, paths: RunPaths, deadline: float | None) -> None:
+        self.paths, self.deadline = paths, deadline
+
+    def __call__(self) -> bool:
+        return self.paths.stop_file.exists()
+
+    def may_start(self) -> bool:
+        past = self.deadline is not None and time.time() >= self.deadline
+        return not (past or self() or self.paths.abort_file.exists())
+
+
+def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerSpec,
+           stop: _StopCheck) -> optuna.Trial | None:
+    """Ask for the next trial unless the budget is used, the run stops, or it is failing."""
+    with file_lock(paths.control / "claim.lock"):
+        if not stop.may_start():
+            return None
+        if isinstance(study._storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and counted(trials) >= cfg.study.n_trials:
+            return None
+        retried = retried_numbers(trials)
+        this_run = [
+            t for t in trials
+            if t.state in FINISHED and t.number not in retried and t.datetime_start is not None
+            and t.datetime_start.timestamp() >= spec.run_started
+        ]
+        k = cfg.study.max_initial_failures
+        if len(this_run) >= k and all(t.state == TrialState.FAIL for t in this_run[:k]):
+            reasons = {str(t.user_attrs.get("fail_reason", "?"))[:200] for t in this_run[:k]}
+            atomic_write_json(
+                paths.abort_file,
+                {"message": f"the first {k} trials of this run all failed; stopping instead of "
+                 f"burning the budget. Reasons: {sorted(reasons)}"},
+            )
+            return None
+        return study.ask()
+
+
+def worker_main(spec: WorkerSpec) -> dict[str, Any]:
+    """Body of one long-lived worker process. Returns a small summary."""
+    # The parent decides what a Ctrl-C means; a worker only stops at the parent's request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg, paths = spec.config, RunPaths(Path(spec.results_dir))
+    torch.set_num_threads(spec.slot.threads)
+    device = torch.device(spec.slot.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    storage = open_storage(spec.storage, cfg)
+    heartbeat = _Heartbeat(spec, storage)
+    heartbeat.start()
+    study = optuna.load_study(
+        study_name=cfg.study.name,
+        storage=storage,
+        sampler=build_sampler(cfg.study.sampler, seed_offset=1000 * spec.slot.index
+                              + 100_000 * spec.generation + 1),
+        pruner=build_pruner(cfg.study.pruner),
+    )
+    dataset = data_mod.load(cfg.data, paths.data_cache)
+    in_memory = (
+        data_mod.fits_in_memory(dataset, device) if cfg.data.in_memory == "auto"
+        else bool(cfg.data.in_memory) and dataset.splits is not None
+    )
+    worker_name = f"{HOST}:{os.getpid()}"
+    stop = _StopCheck(paths, spec.deadline)
+    status_path = paths.status_file(spec.slot.index)
+
+    def status(**fields: Any) -> None:
+        atomic_write_json(
+            status_path,
+            {"slot": spec.slot.index, "device": spec.slot.device, "pid": os.getpid(),
+             "time": time.time(), **fields},
+            durable=False,
+        )
+
+    done = 0
+    status(state="idle", trial=None)
+    while True:
+        trial = _claim(study, cfg, paths, spec, stop)
+        if trial is None:
+            break
+        heartbeat.trial = trial
+        heartbeat.beat()
+        status(state="training", trial=trial.number, epoch=None, value=None)
+        log = _TrialLog(trial_dir(paths.results_dir, trial.number) / "train.log")
+        env = TrialEnv(
+            config=cfg,
+            dataset=dataset,
+            device=device,
+            results_dir=paths.results_dir,
+            worker=worker_name,
+            in_memory=in_memory,
+            should_stop=stop,
+            on_epoch=lambda n, e, rec: status(
+                state="training", trial=n, epoch=e, value=rec.get(cfg.study.metric)
+            ),
+            log=log,
+        )
+        try:
+            _run_one(study, trial, env, log)
+        except Interrupted:
+            break
+        finally:
+            heartbeat.trial = None
+            heartbeat_path(paths.results_dir, trial.number).unlink(missing_ok=True)
+            log.close()
+            status(state="idle", trial=None)
+        done += 1
+    status(state="done", trial=None)
+    return {"slot": spec.slot.index, "trials": done, "pid": os.getpid()}
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
+             log: Callable[[str], None]) -> None:
+    """Run one claimed trial and record how it ended; only Interrupted escapes."""
+    cfg, results_dir = env.config, env.results_dir
+    trial.set_user_attr("worker", env.worker)
+    trial.set_user_attr("device", str(env.device))
+    log(f"trial {trial.number} on {env.device} by {env.worker}")
+    try:
+        params = sample(trial, cfg)
+        log(f"params {json.dumps(params.flat())}")
+        value = run_trial(trial, params, env)
+    except optuna.TrialPruned as err:
+        log(f"PRUNED: {err}")
+        study.tell(trial, state=TrialState.PRUNED)
+        discard_resume_state(results_dir, trial.number)
+    except Interrupted:
+        log("interrupted: resume state kept; the trial resumes on the next run")
+        fail_trial(study, frozen(trial), "interrupted (Ctrl-C / SIGTERM); resumes on rerun",
+                   retry=True, count_retry=False, max_retries=cfg.study.max_retries)
+        raise
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        if isinstance(err, NonFiniteError):
+            reason = str(err)
+        log(f"FAIL: {reason}\n{traceback.format_exc()}")
+        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        fail_trial(study, frozen(trial), reason, retry=False)
+        discard_resume_state(results_dir, trial.number)
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        study.tell(trial, value)
+        log(f"COMPLETE: value={value}")
+        if offer_best(results_dir, frozen(trial), cfg):
+            log("new study best")
+    apply_retention(study, results_dir, cfg, trial.number)
+
+
+# ---------------------------------------------------------------- the supervising parent
+
+
+@dataclass
+class _SlotState:
+    slot: Slot
+    executor: ProcessPoolExecutor | None = None
+    future: Any = None
+    generation: int = 0
+    deaths: int = 0
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Supervisor:
+    """Starts one worker per slot, replaces dead ones, and stops them on request."""
+
+    config: StudyConfig
+    results_dir: Path
+    storage: str
+    slots: list[Slot]
+    deadline: float | None = None
+    on_event: Callable[[str], None] = print
+    max_deaths_per_slot: int = 5
+    run_started: float = field(default_factory=time.time)
+    states: list[_SlotState] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.paths = RunPaths(self.results_dir)
+        self.states = [_SlotState(s) for s in self.slots]
+
+    def _spec(self, st: _SlotState) -> WorkerSpec:
+        return WorkerSpec(
+            config=self.config,
+            results_dir=str(self.results_dir),
+            storage=self.storage,
+            slot=st.slot,
+            generation=st.generation,
+            parent_pid=os.getpid(),
+            run_started=self.run_started,
+            deadline=self.deadline,
+        )
+
+    def start(self) -> None:
+        for st in self.states:
+            self._launch(st)
+
+    def _launch(self, st: _SlotState) -> None:
+        self.paths.status_file(st.slot.index).unlink(missing_ok=True)
+        st.executor = ProcessPoolExecutor(max_workers=1)
+        st.future = st.executor.submit(worker_main, self._spec(st))
+
+    def worker_pids(self) -> set[int]:
+        pids = set()
+        for st in self.states:
+            if st.executor is not None:
+                pids.update(p.pid for p in (st.executor._processes or {}).values())
+        return pids
+
+    def poll(self, stopping: bool = False) -> bool:
+        """Check every slot once; replace dead workers. Returns True while any is running."""
+        running = False
+        for st in self.states:
+            if st.finished:
+                continue
+            if not st.future.done():
+                running = True
+                continue
+            err = st.future.exception()
+            if err is None:
+                st.finished = True
+                st.executor.shutdown(wait=False)
+            elif isinstance(err, BrokenProcessPool):
+                self._handle_death(st, err, restart=not stopping)
+                running = running or not st.finished
+            else:
+                st.finished, st.error = True, f"{type(err).__name__}: {err}"
+                self.on_event(f"worker on slot {st.slot.index} stopped with an error: {st.error}")
+                st.executor.shutdown(wait=False)
+        return running
+
+    def _handle_death(self, st: _SlotState, err: BaseException, restart: bool) -> None:
+        reason = str(err).strip().splitlines()[0][:300]
+        status = self._read_status(st.slot.index)
+        number = status.get("trial") if status else None
+        st.executor.shutdown(wait=False, kill_workers=True)
+        if number is not None:
+            storage = open_storage(self.storage, self.config)
+            study = optuna.load_study(study_name=self.config.study.name, storage=storage)
+            t = study.get_trials(deepcopy=False)[number]
+            if t.state == TrialState.RUNNING:
+                queued = fail_trial(
+                    study, t, f"worker on {st.slot.device} died: {reason}",
+                    retry=True, max_retries=self.config.study.max_retries,
+                )
+                self.on_event(
+                    f"worker on slot {st.slot.index} ({st.slot.device}) died during trial "
+                    f"{number}; " + (f"trial {queued} resumes it" if queued is not None
+                                     else "no retries left: left FAIL")
+                )
+        else:
+            self.on_event(f"worker on slot {st.slot.index} ({st.slot.device}) died: {reason}")
+        st.deaths += 1
+        if restart and st.deaths <= self.max_deaths_per_slot:
+            st.generation += 1
+            self._launch(st)
+        else:
+            st.finished = True
+            if restart:
+                st.error = f"slot {st.slot.index} died {st.deaths} times; not restarted"
+                self.on_event(st.error)
+
+    def _read_status(self, index: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.paths.status_file(index).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [self._read_status(st.slot.index) or {"slot": st.slot.index,
+                "device": st.slot.device, "state": "starting"} for st in self.states]
+
+    def request_stop(self) -> None:
+        self.paths.control.mkdir(parents=True, exist_ok=True)
+        self.paths.stop_file.touch()
+
+    def kill_all(self) -> None:
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for st in self.states:
+            if st.executor is not None:
+                st.executor.shutdown(wait=False, kill_workers=True)
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """After a stop request: wait for workers to save and exit; kill them at the timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.poll(stopping=True):
+                break
+            time.sleep(0.1)
+        else:
+            self.kill_all()
+            return False
+        for st in self.states:
+            if st.executor is not None:
+                st.executor.shutdown(wait=True, kill_workers=True)
+        return True
+
+    def shutdown(self) -> None:
+        for st in self.states:
+            if st.executor is not None:
+                st.executor.shutdown(wait=True, kill_workers=True)
