@@ -506,6 +506,17 @@ class StudyConfig(_Strict):
     def minimize(self) -> bool:
         return self.study.direction == "minimize"
 
+    def as_study_dict(self) -> dict[str, Any]:
+        """JSON-safe, in the study file's own shape: ``parse_config`` reads it back."""
+        raw = self.model_dump(mode="json")
+        for name, spec in self.model.architecture.items():
+            body = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                    for k, v in spec.params.items()}
+            if spec.factory:
+                body["factory"] = spec.factory
+            raw["model"]["architecture"][name] = body
+        return raw
+
 
 # ---------------------------------------------------------------- helpers
 

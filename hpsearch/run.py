@@ -30,13 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def apply_overrides(config: StudyConfig, args: argparse.Namespace, source: str) -> StudyConfig:
     """Flags override the file; the result is validated like the file itself."""
-    raw = config.model_dump(mode="json", exclude_none=False)
-    for arch in raw["model"]["architecture"].values():
-        factory = arch.pop("factory")
-        params = arch.pop("params")
-        arch.update(params)
-        if factory:
-            arch["factory"] = factory
+    raw = config.as_study_dict()
     if args.n_trials is not None:
         raw["study"]["n_trials"] = args.n_trials
     if args.workers is not None:

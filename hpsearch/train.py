@@ -375,7 +375,7 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
         "metric": metric,
         "trial": number,
         "study": cfg.study.name,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.as_study_dict(),
     }
     writer = BackgroundWriter()
     best_state: dict[str, torch.Tensor] | None = None

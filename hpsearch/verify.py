@@ -1,0 +1,96 @@
+"""``python -m hpsearch.verify RESULTS_DIR``: reload the study best and reproduce its metric.
+
+Checks, in order: ``best/meta.json`` and ``best/model.pt`` exist; the file matches the recorded
+sha256 and loads with ``weights_only=True``; the rebuilt model, evaluated on the validation
+split, gives the recorded value. Exit 0 when all hold, 1 otherwise, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpsearch import data as data_mod
+from hpsearch.checkpoint import CheckpointError, load_checkpoint, read_best_meta
+from hpsearch.config import ConfigError, parse_config
+from hpsearch.data import DeviceBatches
+from hpsearch.loading import load_model
+from hpsearch.train import evaluate
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    message: str
+    recorded: float | None = None
+    reproduced: float | None = None
+
+
+def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict:
+    """Reload the study best from ``results_dir`` and re-evaluate it on the validation split."""
+    meta = read_best_meta(results_dir)
+    if meta is None:
+        return Verdict(False, f"no study best: {results_dir / 'best' / 'meta.json'} is missing")
+    path = results_dir / "best" / "model.pt"
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model = load_model(path, map_location="cpu")
+    except CheckpointError as err:
+        return Verdict(False, str(err))
+    if ckpt.get("trial") != meta.get("trial"):
+        return Verdict(False, f"{path} holds trial {ckpt.get('trial')} but meta.json says "
+                       f"trial {meta.get('trial')}")
+    try:
+        config = parse_config(ckpt["config"], f"{path} (embedded config)")
+    except ConfigError as err:
+        return Verdict(False, str(err))
+    dataset = data_mod.load(config.data, results_dir / "data")
+    val = DeviceBatches(dataset, "val", torch.device("cpu"), in_memory=True)
+    metrics = {f"val_{k}": v for k, v in evaluate(model, val, dataset.task).items()}
+    monitor, recorded = ckpt["monitor"], float(ckpt["value"])
+    reproduced = metrics.get(monitor)
+    if reproduced is None:
+        return Verdict(False, f"the checkpoint monitors {monitor!r}, which verify cannot "
+                       f"recompute from the validation split (it has {sorted(metrics)})", recorded)
+    if not math.isclose(float(meta["value"]), float(ckpt["metrics"][meta["metric"]]),
+                        rel_tol=rtol, abs_tol=atol):
+        return Verdict(False, f"meta.json records {meta['metric']}={meta['value']} but the "
+                       f"checkpoint's epoch has {ckpt['metrics'][meta['metric']]}", recorded)
+    ok = math.isclose(reproduced, recorded, rel_tol=rtol, abs_tol=atol)
+    what = "reproduced" if ok else "NOT reproduced"
+    return Verdict(
+        ok,
+        f"trial {ckpt['trial']} (epoch {ckpt['epoch']}): {monitor}={reproduced:.6g} {what} "
+        f"(recorded {recorded:.6g}); sha256 {meta['sha256'][:12]}… matches",
+        recorded,
+        reproduced,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m hpsearch.verify",
+        description="Reload a study's best checkpoint and check it reproduces its metric.",
+    )
+    p.add_argument("results_dir", help="a study's results folder, e.g. results/mnist1d-arch")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance")
+    args = p.parse_args(argv)
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        print(f"error: {results_dir}: not a results folder", file=sys.stderr)
+        return 2
+    verdict = verify(results_dir, args.rtol, args.atol)
+    stream = sys.stdout if verdict.ok else sys.stderr
+    print(("OK: " if verdict.ok else "FAILED: ") + verdict.message, file=stream)
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
