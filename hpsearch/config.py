@@ -241,8 +241,6 @@ class TrainSection(_Strict):
     momentum: Any = 0.9
     """SGD momentum."""
     batch_size: Any = 128
-    loss: Literal["auto", "cross_entropy", "mse"] = "auto"
-    """auto: cross_entropy for classification, mse for regression."""
     lr_scheduler: SchedulerConfig | None = SchedulerConfig()
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     seed: int = 0

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ def is_rdb(url: str) -> bool:
 
 def open_storage(url: str, config: StudyConfig) -> optuna.storages.BaseStorage:
     """Open the study's storage. A plain path is a journal file."""
+    with warnings.catch_warnings():
+        # Heartbeats and the Redis journal are "experimental" in Optuna; we rely on them knowingly.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _open_storage(url, config)
+
+
+def _open_storage(url: str, config: StudyConfig) -> optuna.storages.BaseStorage:
     if url.startswith(("redis://", "rediss://")):
         return JournalStorage(JournalRedisBackend(url))
     if is_rdb(url):

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,10 @@ def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerS
                  f"burning the budget. Reasons: {sorted(reasons)}"},
             )
             return None
-        return study.ask()
+        with warnings.catch_warnings():
+            # Optuna warns that RDB heartbeats are meant for optimize(); ours beat them by hand.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return study.ask()
 
 
 def worker_main(spec: WorkerSpec) -> dict[str, Any]:
@@ -239,6 +243,9 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
         else bool(cfg.data.in_memory) and dataset.splits is not None
     )
     worker_name = f"{HOST}:{os.getpid()}"
+    from hpsearch.artifacts import open_artifact_store, publish_trial_checkpoint
+
+    store = open_artifact_store(cfg, paths.results_dir)
     stop = _StopCheck(paths, spec.deadline)
     status_path = paths.status_file(spec.slot.index)
 
@@ -272,9 +279,12 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
                 state="training", trial=n, epoch=e, value=rec.get(cfg.study.metric)
             ),
             log=log,
+            on_checkpoint_kept=(
+                None if store is None else lambda t, p: publish_trial_checkpoint(store, t, p)
+            ),
         )
         try:
-            _run_one(study, trial, env, log)
+            _run_one(study, trial, env, log, store)
         except Interrupted:
             break
         finally:
@@ -288,8 +298,10 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], store: Any = None) -> None:
     """Run one claimed trial and record how it ended; only Interrupted escapes."""
+    from hpsearch.artifacts import publish_study_best, retire_trial_checkpoint
+
     cfg, results_dir = env.config, env.results_dir
     trial.set_user_attr("worker", env.worker)
     trial.set_user_attr("device", str(env.device))
@@ -323,7 +335,13 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
         log(f"COMPLETE: value={value}")
         if offer_best(results_dir, frozen(trial), cfg):
             log("new study best")
-    apply_retention(study, results_dir, cfg, trial.number)
+            if store is not None:
+                publish_study_best(store, study, results_dir)
+    deleted = apply_retention(study, results_dir, cfg, trial.number)
+    if store is not None and deleted:
+        for t in study.get_trials(deepcopy=False):
+            if t.number in deleted:
+                retire_trial_checkpoint(store, study, t)
 
 
 # ---------------------------------------------------------------- the supervising parent
