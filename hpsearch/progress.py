@@ -92,7 +92,8 @@ class Printer:
             self.stream.write("\n".join(text) + "\n")
             self._drawn = len(text)
         elif text[0] != self._last_head or time.monotonic() - self._last_time > self.every:
-            self.stream.write(text[0] + "\n")
+            # Plain lines for logs and pipes: the whole block, only when something moved.
+            self.stream.write("\n".join(text) + "\n")
             self._last_head, self._last_time = text[0], time.monotonic()
         self.stream.flush()
 
