@@ -21,7 +21,7 @@ from hpsearch.checkpoint import atomic_torch_save, clean_stale_temporaries
 from hpsearch.config import TASK_METRICS, ConfigError, StudyConfig
 from hpsearch.keeper import reconcile_best
 from hpsearch.progress import Printer, snapshot, summary
-from hpsearch.storage import open_storage, recover_stale, storage_url
+from hpsearch.storage import open_storage, recover_stale, save_config_copy, storage_url
 from hpsearch.strategy import build_pruner, build_sampler
 from hpsearch.workers import RunPaths, Supervisor, plan_slots
 
@@ -57,6 +57,21 @@ def _run_logger(results_dir: Path) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     return log
+
+
+def _write_report(config: StudyConfig, study: optuna.Study, results_dir: Path,
+                  slots: list, event) -> int:
+    from hpsearch.confirm import make_report
+
+    if config.report.seeds:
+        event(f"report: retraining each architecture's best with {config.report.seeds} seeds")
+    try:
+        paths = make_report(config, study, results_dir, slots)
+    except OSError as err:
+        event(f"error: the report could not be written: {err}")
+        return EXIT_FAILED
+    event(f"report: {paths['html']}")
+    return EXIT_OK
 
 
 def run_study(
@@ -112,6 +127,7 @@ def run_study(
     if not cached and dataset.splits is not None:
         # Generated once per study; workers read this file instead of regenerating.
         atomic_torch_save(data_mod.to_payload(dataset), cache)
+    save_config_copy(config, results_dir)
     url = storage_url(config, results_dir)
     storage = open_storage(url, config)
     study = optuna.create_study(
@@ -202,6 +218,8 @@ def run_study(
     errors = [st.error for st in sup.states if st.error]
     if errors and len(errors) == len(sup.states):
         exit_code = EXIT_FAILED
+    if config.report.enabled and exit_code == EXIT_OK:
+        exit_code = _write_report(config, study, results_dir, slots, event)
     event(summary(study, config, results_dir, source or None))
     log.info("run ended with exit code %s", exit_code)
     return RunResult(exit_code, results_dir, study)

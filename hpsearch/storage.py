@@ -21,15 +21,42 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch.checkpoint import atomic_write_json
-from hpsearch.config import StudyConfig
+from hpsearch.checkpoint import atomic_write_bytes, atomic_write_json
+from hpsearch.config import ConfigError, StudyConfig, load_config
 
 HOST = socket.gethostname()
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+CONFIG_COPY = "config.yaml"
+
+
+def locate(path: str | Path, results_root: str | Path = "results") -> tuple[StudyConfig, Path]:
+    """A study file, or a results folder (its ``config.yaml``) -> (config, results folder).
+
+    Raises:
+        ConfigError: Neither a readable study file nor a results folder of a run.
+    """
+    path = Path(path)
+    if path.is_dir():
+        copy = path / CONFIG_COPY
+        if not copy.exists():
+            raise ConfigError(str(path), "", f"not a results folder of an hpsearch run "
+                              f"({CONFIG_COPY} is missing)")
+        return load_config(copy), path
+    config = load_config(path)
+    return config, Path(results_root) / config.study.name
+
+
+def save_config_copy(config: StudyConfig, results_dir: Path) -> None:
+    """Keep the resolved study beside its results, so tools need only the folder."""
+    text = yaml.safe_dump(config.as_study_dict(), sort_keys=False)
+    atomic_write_bytes(results_dir / CONFIG_COPY, text.encode())
 
 
 def default_storage_path(results_dir: Path) -> Path:
