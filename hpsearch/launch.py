@@ -7,9 +7,12 @@ died are failed and resumed, and the study goes on to its ``n_trials`` total.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -23,7 +26,7 @@ from hpsearch.keeper import reconcile_best
 from hpsearch.progress import Printer, snapshot, summary
 from hpsearch.storage import open_storage, recover_stale, save_config_copy, storage_url
 from hpsearch.strategy import build_pruner, build_sampler
-from hpsearch.workers import RunPaths, Supervisor, plan_slots
+from hpsearch.workers import RunPaths, Slot, Supervisor, plan_slots
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -60,7 +63,7 @@ def _run_logger(results_dir: Path) -> logging.Logger:
 
 
 def _write_report(config: StudyConfig, study: optuna.Study, results_dir: Path,
-                  slots: list, event) -> int:
+                  slots: list[Slot], event: Callable[[str], None]) -> int:
     from hpsearch.confirm import make_report
 
     if config.report.seeds:
@@ -166,8 +169,6 @@ def run_study(
         if received:
             # Second signal: exit at once; stale trials are resumed by the next run.
             sup.kill_all()
-            import os
-
             os._exit(EXIT_SIGNAL.get(signal.Signals(signum), 130))
         received.append(signum)
         sup.request_stop()
@@ -211,8 +212,6 @@ def run_study(
               f"{source or '<study file>'}")
         return RunResult(exit_code, results_dir, study)
     if paths.abort_file.exists():
-        import json
-
         event("study stopped: " + json.loads(paths.abort_file.read_text())["message"])
         exit_code = EXIT_FAILED
     errors = [st.error for st in sup.states if st.error]
