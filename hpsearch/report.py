@@ -1,46 +1,57 @@
-"""Study -> report data (pure), and report data -> files.
+"""Study -> report data (pure), and ``python -m hpsearch.report`` to rebuild the report.
 
 A study exists to answer one question: which architecture, with which settings, is best, and
 by how much. :func:`compute_report` turns a study, plus the test-split numbers the core measured
 on each architecture's best checkpoint, into plain data (NamedTuples and one dataclass) that
-tests can check directly. :func:`write_report` renders that data as ``report.html``,
-``report.md``, ``architectures.csv`` and ``trials.csv``; the figures are drawn by
-:mod:`hpsearch.report_figures`.
+tests can check directly. :mod:`hpsearch.report_render` turns that data into ``report.html``,
+``report.md``, ``architectures.csv`` and ``trials.csv`` (:func:`write_report`, re-exported
+here); the figures are drawn by :mod:`hpsearch.report_figures`.
 
 Architectures are ranked by their best *validation* value only. The test split is evaluated for
 the report and never influences the ranking or the winner.
+
+Command line::
+
+    python -m hpsearch.report <study file | results folder> [--results-dir DIR] [--no-seeds]
+
+rebuilds the report from the storage and the checkpoints at any time, also while the study is
+still running.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
+import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import optuna
-import plotly.io as pio
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from plotly.offline import get_plotlyjs
 
-from hpsearch import report_figures
+from hpsearch.config import ConfigError, StudyConfig
+from hpsearch.storage import locate, open_storage, storage_url
+
+if TYPE_CHECKING:
+    # Served lazily by __getattr__ below: report_render imports this module.
+    from hpsearch.report_render import write_report
 
 __all__ = [
     "ARCHITECTURE_PARAM",
+    "DASH",
+    "GAP_RULE",
+    "MIN_TRIALS_FOR_IMPORTANCE",
+    "UNKNOWN_ARCHITECTURE",
     "ArchitectureSummary",
     "GapVerdict",
     "Importances",
@@ -50,25 +61,20 @@ __all__ = [
     "ParallelAxis",
     "ParallelCoordinates",
     "ReportData",
-    "ReportWriteError",
     "SeedSummary",
     "StateCounts",
-    "Table",
     "Timeline",
     "TimelineBar",
     "TimelineLane",
     "TrialRow",
     "ValuePoints",
     "Winner",
-    "architecture_table",
-    "architectures_csv",
     "compute_report",
-    "render_html",
-    "render_markdown",
+    "fmt_ci",
+    "fmt_num",
+    "main",
     "seed_summary",
-    "seed_table",
     "t_quantile_975",
-    "trials_csv",
     "write_report",
 ]
 
@@ -80,13 +86,7 @@ GAP_RULE = (
     "the 95% Student-t confidence intervals of the two architectures' seed-retrain test "
     "metrics do not overlap"
 )
-REPORT_FILES = {
-    "html": "report.html",
-    "markdown": "report.md",
-    "architectures_csv": "architectures.csv",
-    "trials_csv": "trials.csv",
-}
-_DASH = "–"
+DASH = "–"
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30.
 _T_975 = (
@@ -114,6 +114,7 @@ class StateCounts(NamedTuple):
 
     @property
     def total(self) -> int:
+        """All trials, whatever their state."""
         return self.complete + self.pruned + self.failed + self.running
 
 
@@ -131,6 +132,7 @@ class SeedSummary(NamedTuple):
 
     @property
     def half_width(self) -> float | None:
+        """Half the interval's width, the ``x`` of ``mean ± x``; None without an interval."""
         if self.ci_low is None or self.ci_high is None:
             return None
         return (self.ci_high - self.ci_low) / 2
@@ -342,10 +344,12 @@ class ReportData:
 
     @property
     def maximize(self) -> bool:
+        """Whether a larger value is better."""
         return self.direction == "maximize"
 
     @property
     def architecture_names(self) -> tuple[str, ...]:
+        """Architecture names in table order."""
         return tuple(a.architecture for a in self.architectures)
 
     def architecture(self, name: str) -> ArchitectureSummary:
@@ -440,7 +444,7 @@ def _gap_verdict(
     leader_ahead = difference > 0 if maximize else difference < 0
     overlap = a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
     intervals = (
-        f"{lead.architecture} {_fmt_ci(a)} vs {second.architecture} {_fmt_ci(b)} "
+        f"{lead.architecture} {fmt_ci(a)} vs {second.architecture} {fmt_ci(b)} "
         f"({test_metric_name}, 95% CI)"
     )
     if overlap:
@@ -452,7 +456,7 @@ def _gap_verdict(
     elif leader_ahead:
         verdict = "separated"
         text = (
-            f"{lead.architecture} beats {second.architecture} by {_fmt_num(abs(difference))} "
+            f"{lead.architecture} beats {second.architecture} by {fmt_num(abs(difference))} "
             f"{test_metric_name}, more than seed noise: the intervals do not overlap, "
             f"{intervals}."
         )
@@ -460,10 +464,35 @@ def _gap_verdict(
         verdict = "reversed"
         text = (
             f"Reversed on the test split: {second.architecture} beats {lead.architecture} by "
-            f"{_fmt_num(abs(difference))} {test_metric_name} beyond seed noise, although "
+            f"{fmt_num(abs(difference))} {test_metric_name} beyond seed noise, although "
             f"{lead.architecture} had the best validation value; {intervals}."
         )
     return GapVerdict(lead.architecture, second.architecture, difference, verdict, text)
+
+# ---------------------------------------------------------------------------------------------
+# Numbers as text (the verdict's wording here, the tables in report_render)
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt_num(value: float | None, digits: int = 4) -> str:
+    """``digits`` significant digits; a dash for None, ``NaN`` for NaN."""
+    if value is None:
+        return DASH
+    if math.isnan(value):
+        return "NaN"
+    return f"{value:.{digits}g}"
+
+
+def fmt_ci(seeds: SeedSummary) -> str:
+    """``mean ± half-width [low, high]``, or ``mean (CI n/a)`` with a single finite seed."""
+    if seeds.mean is None:
+        return DASH
+    if seeds.half_width is None:
+        return f"{fmt_num(seeds.mean)} (CI n/a)"
+    return (
+        f"{fmt_num(seeds.mean)} ± {fmt_num(seeds.half_width, 2)} "
+        f"[{fmt_num(seeds.ci_low)}, {fmt_num(seeds.ci_high)}]"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,513 +1004,109 @@ def _union_seconds(intervals: Sequence[tuple[datetime, datetime]]) -> float:
         total += (current_end - current_start).total_seconds()
     return total
 
+def __getattr__(name: str) -> Any:
+    # write_report lives in report_render, which imports this module; importing it on first
+    # use keeps `from hpsearch.report import compute_report, write_report` free of a cycle.
+    if name == "write_report":
+        from hpsearch import report_render
+
+        return report_render.write_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ---------------------------------------------------------------------------------------------
-# Report data -> tables and text
+# Command line
 # ---------------------------------------------------------------------------------------------
 
 
-class Table(NamedTuple):
-    """A table of display strings, shared by the HTML and Markdown renderings."""
-
-    headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-def _fmt_num(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return _DASH
-    if math.isnan(value):
-        return "NaN"
-    return f"{value:.{digits}g}"
-
-
-def _fmt_int(value: int | None) -> str:
-    return _DASH if value is None else f"{value:,}"
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return _DASH
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
-
-
-def _fmt_ci(seeds: SeedSummary) -> str:
-    if seeds.mean is None:
-        return _DASH
-    if seeds.half_width is None:
-        return f"{_fmt_num(seeds.mean)} (CI n/a)"
-    return (
-        f"{_fmt_num(seeds.mean)} ± {_fmt_num(seeds.half_width, 2)} "
-        f"[{_fmt_num(seeds.ci_low)}, {_fmt_num(seeds.ci_high)}]"
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpsearch.report",
+        description="Rebuild a study's report from its storage and checkpoints; works while "
+        "the study is still running.",
     )
-
-
-def _fmt_params(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_fmt_param(v)}" for k, v in sorted(params.items())) or _DASH
-
-
-def _fmt_param(value: object) -> str:
-    if isinstance(value, float):
-        return _fmt_num(value)
-    return str(value)
-
-
-def architecture_table(data: ReportData) -> Table:
-    """The per-architecture table as display strings, best architecture first."""
-    show_running = data.counts.running > 0
-    headers = ["architecture", "complete", "pruned", "failed"]
-    headers += ["running"] if show_running else []
-    headers += [
-        f"best {data.metric}",
-        f"top-{data.top_n} median",
-        f"top-{data.top_n} IQR",
-        f"{data.test_metric_name} (best ckpt)",
-        "params",
-        "best epoch",
-        "time to best",
-        "train time (all trials)",
-    ]
-    rows = []
-    for a in data.architectures:
-        counts = [str(a.counts.complete), str(a.counts.pruned), str(a.counts.failed)]
-        counts += [str(a.counts.running)] if show_running else []
-        n_top = len(a.top_values)
-        median = _fmt_num(a.top_median)
-        if 0 < n_top < data.top_n:
-            median += f" (n={n_top})"
-        iqr = _DASH if a.top_q1 is None else f"{_fmt_num(a.top_q1)}–{_fmt_num(a.top_q3)}"
-        rows.append(
-            (
-                a.architecture,
-                *counts,
-                _fmt_num(a.best_value),
-                median,
-                iqr,
-                _fmt_num(a.test_metric),
-                _fmt_int(a.n_params),
-                _DASH if a.best_epoch is None else str(a.best_epoch),
-                _fmt_seconds(a.time_to_best),
-                _fmt_seconds(a.total_train_seconds),
-            )
-        )
-    return Table(tuple(headers), tuple(rows))
-
-
-def seed_table(data: ReportData) -> Table:
-    """Seed-retrain confirmation: mean ± 95% CI of the test metric per architecture."""
-    headers = (
-        "architecture",
-        "seeds",
-        f"{data.test_metric_name} mean ± 95% CI [low, high]",
-        "retrain values",
-        f"best {data.metric} config",
+    p.add_argument("study", help="the study's YAML file, or its results folder")
+    p.add_argument(
+        "--results-dir", default="results",
+        help="results root when given a study file (default: results/)",
     )
-    rows = []
-    for a in data.architectures:
-        if a.rank is None:
-            continue
-        seeds = a.seeds
-        count = str(seeds.n)
-        if seeds.n != len(seeds.values):
-            count += f" of {len(seeds.values)}"
-        rows.append(
-            (
-                a.architecture,
-                count,
-                _fmt_ci(seeds),
-                ", ".join(_fmt_num(v) for v in seeds.values) or _DASH,
-                _fmt_params(a.best_params),
-            )
-        )
-    return Table(headers, tuple(rows))
+    p.add_argument("--no-seeds", action="store_true", help="skip the seed retrains")
+    return p
 
 
-def _method_notes(data: ReportData) -> list[str]:
-    return [
-        f"Architectures are ranked by their best validation {data.metric} "
-        f"({data.direction}); the test split never influences the ranking.",
-        f"Top-{data.top_n} median and IQR: over each architecture's {data.top_n} best complete "
-        "trials (fewer if it has fewer); IQR is the 25th–75th percentile, linear interpolation.",
-        f"{data.test_metric_name} (best ckpt): the test split evaluated once on each "
-        "architecture's best checkpoint, for this report only.",
-        "Seed retrains: each architecture's best configuration trained again with fresh seeds; "
-        "mean ± half-width of the 95% Student-t confidence interval (t quantile with n−1 "
-        "degrees of freedom × sample std / √n). With a single seed the interval is n/a; "
-        "non-finite results are listed but left out.",
-        f"Gap vs noise: the gap between the two best architectures counts as larger than the "
-        f"noise when {GAP_RULE}. This rule is conservative: overlapping intervals do not prove "
-        "the architectures equal.",
-        "Time to best: cumulative training seconds at the end of the best epoch of the best "
-        "trial. Train time sums every trial of the architecture, pruned and failed included.",
-    ]
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild the report of a study file or results folder; returns the exit status.
 
-
-def render_markdown(data: ReportData) -> str:
-    """The report's tables and verdict as Markdown, for terminals and git."""
-    lines = [f"# hpsearch report: {data.study_name}", "", _summary_line(data), ""]
-    lines += ["## Winner", ""]
-    winner = data.winner
-    if winner is None:
-        lines += ["No complete trials yet, so there is no winner.", ""]
-    else:
-        lines += [
-            f"- **{winner.architecture}**, trial {winner.trial_number}: best {data.metric} "
-            f"{_fmt_num(winner.value)} at epoch "
-            f"{_DASH if winner.best_epoch is None else winner.best_epoch}",
-            f"- {data.test_metric_name} of its best checkpoint: {_fmt_num(winner.test_metric)}",
-            f"- seed retrains ({data.test_metric_name}, 95% CI): {_fmt_ci(winner.seeds)}",
-            f"- params: {_fmt_params(winner.params)}",
-            f"- checkpoint: {_checkpoint_text(winner)}",
-            f"- load it: `{winner.load_call}`",
-            "",
-        ]
-    lines += ["## Architectures", "", *_markdown_table(architecture_table(data)), ""]
-    lines += ["## Confirmation with seeds", ""]
-    seeds = seed_table(data)
-    lines += [*_markdown_table(seeds), ""] if seeds.rows else []
-    lines += [f"**Verdict ({data.gap.verdict}):** {data.gap.text}", ""]
-    lines += ["## How these numbers are computed", ""]
-    lines += [f"- {note}" for note in _method_notes(data)]
-    lines += ["", "Figures are in `report.html`; every trial is in `trials.csv`.", ""]
-    return "\n".join(lines)
-
-
-def _summary_line(data: ReportData) -> str:
-    c = data.counts
-    running = f", {c.running} running" if c.running else ""
-    return (
-        f"{data.metric} ({data.direction}) · {c.total} trials: {c.complete} complete, "
-        f"{c.pruned} pruned, {c.failed} failed{running} · generated "
-        f"{data.generated_at:%Y-%m-%d %H:%M:%S}"
-    )
-
-
-def _checkpoint_text(winner: Winner) -> str:
-    if winner.checkpoint is None:
-        return "not kept (never saved, or deleted)"
-    if winner.checkpoint_path is not None:
-        return winner.checkpoint_path
-    return f"{winner.checkpoint} (relative to the results folder)"
-
-
-def _markdown_table(table: Table) -> list[str]:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in table.headers) + " |"]
-    # Left-align the name column, right-align the numbers.
-    lines.append("|:--|" + "--:|" * (len(table.headers) - 1))
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table.rows]
-    return lines
-
-
-def _csv_text(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(headers)
-    for row in rows:
-        writer.writerow(["" if v is None else v for v in row])
-    return buffer.getvalue()
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def architectures_csv(data: ReportData) -> str:
-    """``architectures.csv``: one row per architecture, column ``architecture`` first."""
-    m, t = data.metric, data.test_metric_name
-    headers = [
-        "architecture", "rank", "complete", "pruned", "failed", "running", "best_trial",
-        f"best_{m}", "top_n", f"top_median_{m}", f"top_q1_{m}", f"top_q3_{m}", t,
-        "seed_n", f"seed_mean_{t}", f"seed_ci95_low_{t}", f"seed_ci95_high_{t}", "seed_values",
-        "n_params", "best_epoch", "time_to_best_s", "total_train_s", "checkpoint", "best_params",
-    ]
-    rows = [
-        [
-            a.architecture, a.rank, a.counts.complete, a.counts.pruned, a.counts.failed,
-            a.counts.running, a.best_trial, a.best_value, len(a.top_values), a.top_median,
-            a.top_q1, a.top_q3, a.test_metric, a.seeds.n, a.seeds.mean, a.seeds.ci_low,
-            a.seeds.ci_high, " ".join(repr(v) for v in a.seeds.values), a.n_params,
-            a.best_epoch, a.time_to_best, a.total_train_seconds, a.checkpoint,
-            json.dumps(a.best_params, sort_keys=True, default=str) if a.best_params else None,
-        ]
-        for a in data.architectures
-    ]
-    return _csv_text(headers, rows)
-
-
-def trials_csv(data: ReportData) -> str:
-    """``trials.csv``: one row per trial, each searched parameter as a ``param_<name>`` column."""
-    headers = [
-        "number", "architecture", "state", data.metric, "best_epoch", "n_params",
-        "train_seconds", "time_to_best_s", "device", "worker", "datetime_start",
-        "datetime_complete", "duration_s", "checkpoint", "fail_reason",
-        *(f"param_{p}" for p in data.param_names),
-    ]
-    rows = []
-    for t in data.trials:
-        duration = None
-        if t.datetime_start is not None and t.datetime_complete is not None:
-            duration = (t.datetime_complete - t.datetime_start).total_seconds()
-        rows.append(
-            [
-                t.number, t.architecture, t.state, t.value, t.best_epoch, t.n_params,
-                t.train_seconds, t.time_to_best, t.device, t.worker, _iso(t.datetime_start),
-                _iso(t.datetime_complete), duration, t.checkpoint, t.fail_reason,
-                *(t.params.get(p) for p in data.param_names),
-            ]
-        )
-    return _csv_text(headers, rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# HTML
-# ---------------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
-  background:#f5f7fa;color:#1f2933;line-height:1.45}
-main{max-width:1240px;margin:0 auto;padding:24px 28px 60px}
-h1{margin:0 0 4px;font-size:28px} h2{margin:32px 0 10px;font-size:21px}
-h3{margin:0 0 4px;font-size:17px}
-.sub{color:#52606d;margin:0 0 18px}
-nav a{margin-right:14px;color:#1c64b4;text-decoration:none;font-size:14px}
-.card{background:#fff;border-radius:8px;padding:16px 20px;margin:14px 0;
-  box-shadow:0 1px 3px rgba(15,23,42,.08)}
-.winner{border-left:6px solid #2f9e44}
-.winner.none{border-left-color:#adb5bd}
-.winner h2{margin-top:0}
-.winner dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:8px 0}
-.winner dt{color:#52606d} .winner dd{margin:0}
-table{border-collapse:collapse;font-size:14px;background:#fff;width:100%}
-th,td{padding:6px 10px;border-bottom:1px solid #e4e7eb;text-align:right;white-space:nowrap}
-th{background:#eef2f6;font-weight:600}
-th:first-child,td:first-child{text-align:left}
-td.wrap{white-space:normal;text-align:left}
-tr.leader td{font-weight:600;background:#f1f9f2}
-.scroll{overflow-x:auto}
-code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
-pre{background:#1f2933;color:#e4e7eb;padding:10px 14px;border-radius:6px;overflow-x:auto}
-.verdict{padding:10px 14px;border-radius:6px;margin:12px 0;background:#eef2f6}
-.verdict.separated{background:#e6f4ea} .verdict.reversed{background:#fdecea}
-.verdict.within-noise{background:#fff4e0}
-.note{color:#52606d;font-size:14px}
-ul.notes{color:#3e4c59;font-size:14px;padding-left:20px}
-.figure .plot{width:100%}
-"""
-
-
-def render_html(data: ReportData, sections: Sequence[report_figures.FigureSection]) -> str:
-    """The whole report as one HTML page that works offline.
-
-    plotly.js is inlined once in the page head; each figure is a div plus a short script, and
-    no resource is fetched from the network.
-
-    Args:
-        data: The report data.
-        sections: Figures drawn by :func:`hpsearch.report_figures.draw_figures`.
-
-    Returns:
-        The page.
+    Bad arguments (no such file, not a results folder, a malformed study file, no study in
+    the storage) print one line to stderr and return 2.
     """
-    esc = html.escape
-    title = f"hpsearch report: {data.study_name}"
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title>",
-        f"<style>{_CSS}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script>',
-        "</head><body><main>",
-        f"<h1>{esc(title)}</h1>",
-        f'<p class="sub">{esc(_summary_line(data))}</p>',
-        '<nav><a href="#winner">Winner</a><a href="#architectures">Architectures</a>'
-        '<a href="#seeds">Seeds</a><a href="#method">Method</a><a href="#figures">Figures</a>'
-        '<a href="report.md">report.md</a><a href="architectures.csv">architectures.csv</a>'
-        '<a href="trials.csv">trials.csv</a></nav>',
-        _winner_html(data),
-        '<h2 id="architectures">Architectures</h2>',
-        _html_table(architecture_table(data), leader=data.winner is not None),
-        '<h2 id="seeds">Confirmation with seeds</h2>',
-    ]
-    seeds = seed_table(data)
-    if seeds.rows:
-        parts.append(_html_table(seeds, leader=True, wrap_last=True))
-    parts.append(_verdict_html(data.gap))
-    parts += ['<h2 id="method">How these numbers are computed</h2>', '<ul class="notes">']
-    parts += [f"<li>{esc(note)}</li>" for note in _method_notes(data)]
-    parts += ["</ul>", '<h2 id="figures">Figures</h2>']
-    parts += [_figure_html(section) for section in sections]
-    parts += ["</main></body></html>", ""]
-    return "\n".join(parts)
+    args = _parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The measuring side (training, workers, joblib) is needed only here; importing it late
+    # keeps this module pure data for its other importers and out of a cycle with confirm.
+    from hpsearch.confirm import make_report
+    from hpsearch.report_render import ReportWriteError
+    from hpsearch.workers import plan_slots
 
-
-def _winner_html(data: ReportData) -> str:
-    esc = html.escape
-    winner = data.winner
-    if winner is None:
-        return (
-            '<section id="winner" class="card winner none"><h2>No winner yet</h2>'
-            '<p class="note">The study has no complete trial.</p></section>'
-        )
-    items = [
-        ("trial", f"#{winner.trial_number}"),
-        (
-            f"best {data.metric}",
-            f"{_fmt_num(winner.value)} at epoch "
-            f"{_DASH if winner.best_epoch is None else winner.best_epoch}",
-        ),
-        (f"{data.test_metric_name} (best checkpoint)", _fmt_num(winner.test_metric)),
-        (f"{data.test_metric_name}, seed retrains (95% CI)", _fmt_ci(winner.seeds)),
-        ("params", _fmt_params(winner.params)),
-        ("checkpoint", _checkpoint_text(winner)),
-    ]
-    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
-    return (
-        f'<section id="winner" class="card winner"><h2>Winner: {esc(winner.architecture)}</h2>'
-        f"<dl>{rows}</dl>"
-        f"<pre><code>import hpsearch\nmodel = {esc(winner.load_call)}</code></pre>"
-        f"{_verdict_html(data.gap)}</section>"
-    )
-
-
-def _verdict_html(gap: GapVerdict) -> str:
-    css = gap.verdict.replace(" ", "-").replace("/", "")
-    return (
-        f'<p class="verdict {css}"><strong>Gap vs noise: {html.escape(gap.verdict)}.</strong> '
-        f"{html.escape(gap.text)}</p>"
-    )
-
-
-def _html_table(table: Table, *, leader: bool, wrap_last: bool = False) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in table.headers)
-    body = []
-    for i, row in enumerate(table.rows):
-        cells = []
-        for j, cell in enumerate(row):
-            wrap = ' class="wrap"' if wrap_last and j == len(row) - 1 else ""
-            cells.append(f"<td{wrap}>{esc(cell)}</td>")
-        css = ' class="leader"' if leader and i == 0 else ""
-        body.append(f"<tr{css}>{''.join(cells)}</tr>")
-    return (
-        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def _figure_html(section: report_figures.FigureSection) -> str:
-    esc = html.escape
-    parts = [
-        f'<section class="card figure" id="section-{esc(section.key)}">',
-        f"<h3>{esc(section.title)}</h3>",
-        f'<p class="note">{esc(section.description)}</p>',
-    ]
-    if section.note:
-        parts.append(f'<p class="note"><em>{esc(section.note)}</em></p>')
-    if section.figure is not None:
-        height = section.figure.layout.height or 450
-        div = pio.to_html(
-            section.figure,
-            full_html=False,
-            include_plotlyjs=False,
-            div_id=f"fig-{section.key}",
-            default_height=f"{height}px",
-            default_width="100%",
-            config={"displaylogo": False, "responsive": True},
-        )
-        parts.append(f'<div class="plot" data-figure="{esc(section.key)}">{div}</div>')
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-class ReportWriteError(OSError):
-    """A report file could not be written; ``filename`` is the file's path."""
-
-
-def write_report(data: ReportData, study: optuna.Study, out_dir: Path) -> dict[str, Path]:
-    """Draw the figures and write the four report files into ``out_dir``.
-
-    Everything is rendered in memory first; each file is then written to a temporary file in
-    ``out_dir`` and moved into place with ``os.replace``, so a reader never sees half a file.
-
-    Args:
-        data: Report data from :func:`compute_report`.
-        study: The study ``data`` was computed from; checked by name so that a report is never
-            written with another study's data.
-        out_dir: The study's results folder, created if missing.
-
-    Returns:
-        ``{"html", "markdown", "architectures_csv", "trials_csv"}`` -> path written.
-
-    Raises:
-        ValueError: If ``data`` was computed from another study.
-        ReportWriteError: If a file cannot be written; its message names the path.
-    """
-    if study.study_name != data.study_name:
-        raise ValueError(
-            f"report data is for study {data.study_name!r}, not {study.study_name!r}"
-        )
-    out_dir = Path(out_dir)
-    sections = report_figures.draw_figures(data)
-    contents = {
-        "html": render_html(data, sections),
-        "markdown": render_markdown(data),
-        "architectures_csv": architectures_csv(data),
-        "trials_csv": trials_csv(data),
-    }
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ReportWriteError(
-            exc.errno, f"cannot create report folder: {exc.strerror or exc}", str(out_dir)
-        ) from exc
-    _remove_stale_temporaries(out_dir)
-    written = {}
-    for key, text in contents.items():
-        path = out_dir / REPORT_FILES[key]
-        _atomic_write_text(path, text)
-        written[key] = path
-    return written
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    # A crash between write and replace leaves a temporary behind; only ours are removed.
-    for name in REPORT_FILES.values():
-        for stale in out_dir.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp_name: str | None = None
+        config, results_dir, study = _open_study(args.study, args.results_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.no_seeds:
+        config = config.model_copy(
+            update={"report": config.report.model_copy(update={"seeds": 0})}
+        )
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-        raise ReportWriteError(
-            exc.errno, f"cannot write report file: {exc.strerror or exc}", str(path)
-        ) from exc
+        paths = make_report(config, study, results_dir, plan_slots(config.resources))
+    except ReportWriteError as err:
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
+    for path in paths.values():
+        print(f"wrote {path}")
+    print(_winner_line(study, config.study.metric, results_dir))
+    return 0
+
+
+def _open_study(path: str, results_root: str) -> tuple[StudyConfig, Path, optuna.Study]:
+    config, results_dir = locate(path, results_root)
+    if not results_dir.is_dir():
+        raise ConfigError(
+            str(results_dir), "", "no results folder (has the study run? if its results are "
+            "elsewhere, pass --results-dir)"
+        )
+    url = storage_url(config, results_dir)
+    journal = "://" not in url or url.startswith("file://")
+    # Opening a journal creates it; a report must not leave an empty study behind.
+    if journal and not Path(url.removeprefix("file://")).exists():
+        raise ConfigError(url, "", "no study journal here (has the study run yet?)")
+    try:
+        study = optuna.load_study(
+            study_name=config.study.name, storage=open_storage(url, config)
+        )
+    except KeyError:
+        raise ConfigError(
+            url, "study.name", f"no study {config.study.name!r} in this storage"
+        ) from None
+    return config, results_dir, study
+
+
+def _winner_line(study: optuna.Study, metric: str, results_dir: Path) -> str:
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    complete = [t for t in study.get_trials(deepcopy=False) if _complete_value(t) is not None]
+    if not complete:
+        return "winner: none yet (no complete trial)"
+    # The report's order: best value, then architecture name, then the earlier trial.
+    best = min(
+        complete,
+        key=lambda t: (_sort_key(t.value or 0.0, maximize), _architecture_of(t), t.number),
+    )
+    return (
+        f"winner: {_architecture_of(best)} (trial {best.number}, best {metric} "
+        f"{fmt_num(best.value)}); load it with "
+        f"hpsearch.load_best_model({json.dumps(results_dir.as_posix())})"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

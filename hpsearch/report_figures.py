@@ -106,9 +106,7 @@ def draw_figures(data: ReportData) -> list[FigureSection]:
             None if data.intermediate else "No trial has reported an intermediate value.",
         ),
         _importances_section(data),
-    ]
-    sections += _parallel_sections(data)
-    sections.append(
+        _parallel_section(data),
         FigureSection(
             "timeline",
             "Timeline of trials per worker and device",
@@ -116,8 +114,8 @@ def draw_figures(data: ReportData) -> list[FigureSection]:
             "wall time; gaps are idle time.",
             plot_timeline(data.timeline, colors) if data.timeline.bars else None,
             None if data.timeline.bars else "No trial has started.",
-        )
-    )
+        ),
+    ]
     return sections
 
 
@@ -152,23 +150,17 @@ def _importances_section(data: ReportData) -> FigureSection:
     )
 
 
-def _parallel_sections(data: ReportData) -> list[FigureSection]:
-    sections = []
-    for pc in data.parallel:
-        key = "parallel-" + "".join(ch if ch.isalnum() else "-" for ch in pc.scope.lower())
-        drawable = bool(pc.values)
-        sections.append(
-            FigureSection(
-                key,
-                f"Parallel coordinates: {pc.scope}",
-                f"Each line is one complete trial, colored by {data.metric}.",
-                plot_parallel_coordinates(pc, data.metric, maximize=data.maximize)
-                if drawable
-                else None,
-                pc.note,
-            )
-        )
-    return sections
+def _parallel_section(data: ReportData) -> FigureSection:
+    drawn = [pc for pc in data.parallel if pc.values]
+    notes = [f"{pc.scope}: {pc.note}." for pc in data.parallel if pc.note]
+    return FigureSection(
+        "parallel",
+        "Parallel coordinates",
+        f"Each line is one complete trial, colored by {data.metric}; pick the architecture in "
+        "the menu. Drag along an axis to filter.",
+        plot_parallel_coordinates(drawn, data.metric, maximize=data.maximize) if drawn else None,
+        " ".join(notes) or None,
+    )
 
 
 def plot_values_by_architecture(
@@ -330,11 +322,15 @@ def plot_intermediate_values(
 
 def plot_importances(importances: Sequence[Importances]) -> go.Figure:
     """One horizontal bar panel per scope (overall first), most important parameter on top."""
+    gap_px = 70
+    heights = [30 + 26 * len(imp.items) for imp in importances]
+    plot_px = sum(heights) + gap_px * (len(importances) - 1)
     fig = make_subplots(
         rows=len(importances),
         cols=1,
+        row_heights=heights,
         subplot_titles=[f"{imp.scope} ({imp.n_trials} trials)" for imp in importances],
-        vertical_spacing=0.25 / max(len(importances), 1),
+        vertical_spacing=gap_px / plot_px,
     )
     for row, imp in enumerate(importances, start=1):
         names = [name for name, _ in reversed(imp.items)]
@@ -348,15 +344,42 @@ def plot_importances(importances: Sequence[Importances]) -> go.Figure:
             row=row, col=1,
         )
         fig.update_xaxes(range=[0, 1.1], row=row, col=1)
-    rows_height = sum(60 + 26 * len(imp.items) for imp in importances)
-    fig.update_layout(template=_TEMPLATE, height=max(260, rows_height), margin=_MARGIN)
+    margin = {"l": 110, "r": 30, "t": 40, "b": 40}
+    fig.update_layout(template=_TEMPLATE, height=plot_px + 80, margin=margin)
     return fig
 
 
 def plot_parallel_coordinates(
-    pc: ParallelCoordinates, metric: str, *, maximize: bool
+    scopes: Sequence[ParallelCoordinates], metric: str, *, maximize: bool
 ) -> go.Figure:
-    """Parallel coordinates of parameters and value; the better end of the scale is dark."""
+    """Parallel coordinates of parameters and value, one scope shown at a time.
+
+    All scopes live in one figure behind a menu: each parcoords figure holds WebGL contexts,
+    and a browser drops the oldest beyond about sixteen, which would blank plots on a page
+    with many architectures.
+    """
+    fig = go.Figure()
+    for i, pc in enumerate(scopes):
+        fig.add_trace(_parcoords(pc, metric, maximize=maximize, visible=i == 0))
+    if len(scopes) > 1:
+        buttons = [
+            {
+                "label": pc.scope,
+                "method": "restyle",
+                "args": [{"visible": [j == i for j in range(len(scopes))]}],
+            }
+            for i, pc in enumerate(scopes)
+        ]
+        menu = {"buttons": buttons, "direction": "down", "x": 0, "xanchor": "left"}
+        fig.update_layout(updatemenus=[{**menu, "y": 1.32, "yanchor": "top"}])
+    margin = {"l": 80, "r": 40, "t": 110, "b": 40}
+    fig.update_layout(template=_TEMPLATE, height=500, margin=margin)
+    return fig
+
+
+def _parcoords(
+    pc: ParallelCoordinates, metric: str, *, maximize: bool, visible: bool
+) -> go.Parcoords:
     dimensions = []
     for axis in pc.axes:
         dim: dict[str, object] = {"label": axis.label, "values": _plotly_values(axis.values)}
@@ -367,20 +390,20 @@ def plot_parallel_coordinates(
             dim["range"] = [-0.5, max(len(axis.tick_values) - 0.5, 0.5)]
         dimensions.append(dim)
     dimensions.append({"label": metric, "values": list(pc.values)})
-    fig = go.Figure(
-        go.Parcoords(
-            dimensions=dimensions,
-            line={
-                "color": list(pc.values),
-                "colorscale": "Viridis",
-                "reversescale": not maximize,
-                "showscale": True,
-                "colorbar": {"title": {"text": metric}},
-            },
-        )
+    return go.Parcoords(
+        name=pc.scope,
+        visible=visible,
+        dimensions=dimensions,
+        line={
+            "color": list(pc.values),
+            "colorscale": "Viridis",
+            # The better end of the scale is bright whatever the direction.
+            "reversescale": not maximize,
+            "showscale": True,
+            # Clear of the value axis' tick labels, which sit right of the last axis.
+            "colorbar": {"title": {"text": metric}, "x": 1.06},
+        },
     )
-    fig.update_layout(template=_TEMPLATE, height=420, margin={"l": 70, "r": 70, "t": 60, "b": 40})
-    return fig
 
 
 def plot_timeline(timeline: Timeline, colors: Mapping[str, str]) -> go.Figure:
@@ -412,10 +435,11 @@ def plot_timeline(timeline: Timeline, colors: Mapping[str, str]) -> go.Figure:
         )
     fig.update_layout(
         template=_TEMPLATE,
-        height=max(260, 120 + 40 * len(timeline.lanes)),
-        margin={"l": 220, "r": 30, "t": 40, "b": 50},
+        height=max(320, 200 + 40 * len(timeline.lanes)),
+        margin={"l": 220, "r": 30, "t": 30, "b": 120},
         barmode="overlay",
-        xaxis={"type": "date", "title": "wall clock"},
+        legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
+        xaxis={"type": "date"},
         yaxis={"categoryorder": "array", "categoryarray": [labels[n] for n in sorted(labels)]},
     )
     return fig

@@ -1,0 +1,703 @@
+"""Report data computed from studies with known trials, and the files written from it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import TrialState
+
+from hpsearch import report, report_figures, report_render
+from hpsearch.report import compute_report, seed_summary, t_quantile_975
+from hpsearch.report_render import ReportWriteError, seed_table, write_report
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+T0 = datetime(2026, 1, 5, 9, 0, 0)
+ARCHS = ("mlp", "cnn", "resnet")
+METRIC = "val_acc"
+
+
+def _distributions(arch: str) -> dict[str, BaseDistribution]:
+    dists: dict[str, BaseDistribution] = {
+        "architecture": CategoricalDistribution(list(ARCHS)),
+        "lr": FloatDistribution(1e-4, 1e-1, log=True),
+    }
+    if arch == "mlp":
+        dists["hidden"] = CategoricalDistribution([32, 64, 128])
+    elif arch == "cnn":
+        dists["depth"] = IntDistribution(1, 4)
+    else:
+        dists["width"] = IntDistribution(8, 64)
+    return dists
+
+
+def _params(arch: str, rng: random.Random) -> dict[str, Any]:
+    params: dict[str, Any] = {"architecture": arch, "lr": 10 ** rng.uniform(-4, -1)}
+    if arch == "mlp":
+        params["hidden"] = rng.choice([32, 64, 128])
+    elif arch == "cnn":
+        params["depth"] = rng.randint(1, 4)
+    else:
+        params["width"] = rng.randint(8, 64)
+    return params
+
+
+def _history(values: list[float], seconds_per_epoch: float = 10.0) -> list[dict[str, float]]:
+    return [
+        {
+            "epoch": i,
+            "train_loss": 1.0 / (i + 1),
+            "val_loss": 1.2 / (i + 1),
+            METRIC: v,
+            "lr": 0.01,
+            "seconds": seconds_per_epoch * (i + 1),
+        }
+        for i, v in enumerate(values)
+    ]
+
+
+def add_trial(
+    study: optuna.Study,
+    arch: str | None,
+    state: TrialState,
+    value: float | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    epochs: list[float] | None = None,
+    best_epoch: int | None = None,
+    n_params: int = 1000,
+    worker: str = "host:1",
+    device: str = "cpu",
+    start: datetime | None = None,
+    minutes: float = 1.0,
+    checkpoint: str | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> None:
+    """Add one finished trial laid out the way the core writes it."""
+    number = len(study.trials)
+    rng = random.Random(number)
+    if params is None and arch is not None:
+        params = _params(arch, rng)
+    dists = _distributions(arch) if arch is not None else {}
+    params = params or {}
+    dists = {k: d for k, d in dists.items() if k in params}
+    epochs = epochs if epochs is not None else ([value] if value is not None else [])
+    if best_epoch is None and epochs:
+        best_epoch = max(range(len(epochs)), key=lambda i: epochs[i])
+    attrs: dict[str, Any] = {"worker": worker, "device": device}
+    if arch is not None:
+        history = _history(epochs)
+        attrs.update(
+            architecture=arch,
+            n_params=n_params,
+            history=history,
+            train_seconds=history[-1]["seconds"] if history else 0.0,
+        )
+        if best_epoch is not None:
+            attrs.update(best_epoch=best_epoch, best_value=epochs[best_epoch])
+        if checkpoint is not None:
+            attrs["checkpoint"] = checkpoint
+    if state == TrialState.FAIL:
+        attrs["fail_reason"] = "CUDA out of memory"
+    attrs.update(extra_attrs or {})
+    trial = optuna.create_trial(
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        params=params,
+        distributions=dists,
+        user_attrs=attrs,
+        intermediate_values={i: v for i, v in enumerate(epochs)},
+    )
+    trial.datetime_start = start or T0 + timedelta(minutes=2 * number)
+    trial.datetime_complete = trial.datetime_start + timedelta(minutes=minutes)
+    study.add_trial(trial)
+
+
+def known_study(direction: str = "maximize") -> optuna.Study:
+    """mlp: 6 complete, 1 pruned, 1 failed; cnn: 3 complete, 2 pruned; resnet: none complete."""
+    study = optuna.create_study(study_name=f"known-{direction}", direction=direction)
+    for value in (0.90, 0.85, 0.88, 0.80, 0.86, 0.70):
+        add_trial(study, "mlp", TrialState.COMPLETE, value, epochs=[value - 0.1, value])
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.3])
+    add_trial(study, "mlp", TrialState.FAIL)
+    for value in (0.92, 0.91, 0.89):
+        curve = [value - 0.2, value, value - 0.1]
+        add_trial(study, "cnn", TrialState.COMPLETE, value, epochs=curve)
+    add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.2, 0.25])
+    add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.1])
+    add_trial(study, "resnet", TrialState.PRUNED, epochs=[0.15])
+    add_trial(study, "resnet", TrialState.FAIL)
+    return study
+
+
+def random_study(n_trials: int = 40, seed: int = 0, name: str = "random") -> optuna.Study:
+    """A study shaped like a real run: three architectures, two workers, all trial states."""
+    rng = random.Random(seed)
+    study = optuna.create_study(study_name=name, direction="maximize")
+    lanes = [("host:11", "cuda:0"), ("host:12", "cuda:1")]
+    clock = {lane: T0 for lane in lanes}
+    for i in range(n_trials):
+        arch = ARCHS[i % 3]
+        lane = lanes[i % 2]
+        ceiling = {"mlp": 0.85, "cnn": 0.93, "resnet": 0.9}[arch]
+        n_epochs = rng.randint(3, 12)
+        curve = [
+            ceiling * (1 - math.exp(-(e + 1) / 3)) + rng.gauss(0, 0.01) for e in range(n_epochs)
+        ]
+        roll = rng.random()
+        state = TrialState.COMPLETE
+        if roll < 0.2:
+            state, curve = TrialState.PRUNED, curve[:2]
+        elif roll < 0.25:
+            state = TrialState.FAIL
+        best = max(range(len(curve)), key=lambda e: curve[e])
+        minutes = 0.5 * len(curve)
+        add_trial(
+            study,
+            arch,
+            state,
+            curve[best] if state == TrialState.COMPLETE else None,
+            params=_params(arch, rng),
+            epochs=curve,
+            best_epoch=best,
+            n_params=rng.randint(10_000, 500_000),
+            worker=lane[0],
+            device=lane[1],
+            start=clock[lane],
+            minutes=minutes,
+            checkpoint=f"trials/{i}/epoch{best:03d}-val_acc{curve[best]:.4f}.pt",
+        )
+        clock[lane] += timedelta(minutes=minutes + rng.choice([0.1, 0.1, 2.0]))
+    return study
+
+
+def random_report_inputs(study: optuna.Study) -> dict[str, Any]:
+    rng = random.Random(1)
+    archs = {t.params["architecture"] for t in study.trials if t.state == TrialState.COMPLETE}
+    return {
+        "metric": METRIC,
+        "test_metric_name": "test_acc",
+        "test_metrics": {a: 0.8 + 0.01 * len(a) for a in archs},
+        "seed_metrics": {
+            a: [0.8 + 0.01 * len(a) + rng.gauss(0, 0.004) for _ in range(3)] for a in archs
+        },
+    }
+
+
+def compute(study: optuna.Study, **overrides: Any) -> report.ReportData:
+    kwargs: dict[str, Any] = {
+        "metric": METRIC,
+        "test_metric_name": "test_acc",
+        "test_metrics": {},
+        "seed_metrics": {},
+        "now": T0 + timedelta(hours=1),
+    }
+    kwargs.update(overrides)
+    return compute_report(study, **kwargs)
+
+
+# --- per-architecture table -------------------------------------------------------------------
+
+
+def test_counts_per_state() -> None:
+    data = compute(known_study())
+    assert data.counts == report.StateCounts(complete=9, pruned=4, failed=2, running=0)
+    assert data.architecture("mlp").counts == report.StateCounts(6, 1, 1, 0)
+    assert data.architecture("cnn").counts == report.StateCounts(3, 2, 0, 0)
+    assert data.architecture("resnet").counts == report.StateCounts(0, 1, 1, 0)
+
+
+def test_running_and_architecture_less_trials_are_counted() -> None:
+    study = known_study()
+    study.add_trial(optuna.create_trial(state=TrialState.RUNNING, params={}, distributions={}))
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={}, distributions={}))
+    data = compute(study)
+    assert data.counts.running == 1
+    unknown = data.architecture(report.UNKNOWN_ARCHITECTURE)
+    assert unknown.counts == report.StateCounts(0, 0, 1, 1)
+    assert unknown.rank is None
+    assert "running" in report_render.architecture_table(data).headers
+
+
+@pytest.mark.parametrize(
+    ("direction", "ranking", "best"),
+    [
+        ("maximize", ["cnn", "mlp", "resnet"], {"cnn": 0.92, "mlp": 0.90}),
+        ("minimize", ["mlp", "cnn", "resnet"], {"cnn": 0.89, "mlp": 0.70}),
+    ],
+)
+def test_best_per_architecture_respects_direction(
+    direction: str, ranking: list[str], best: dict[str, float]
+) -> None:
+    data = compute(known_study(direction))
+    assert data.direction == direction
+    assert list(data.architecture_names) == ranking
+    assert [a.rank for a in data.architectures] == [1, 2, None]
+    for arch, value in best.items():
+        summary = data.architecture(arch)
+        assert summary.best_value == pytest.approx(value)
+        assert data.trials[summary.best_trial].value == pytest.approx(value)
+    assert data.winner is not None and data.winner.architecture == ranking[0]
+
+
+def test_top_n_median_and_iqr() -> None:
+    data = compute(known_study())
+    mlp = data.architecture("mlp")
+    assert mlp.top_values == pytest.approx((0.90, 0.88, 0.86, 0.85, 0.80))
+    assert mlp.top_median == pytest.approx(0.86)
+    assert (mlp.top_q1, mlp.top_q3) == pytest.approx((0.85, 0.88))
+    cnn = data.architecture("cnn")  # fewer than top_n trials: uses the three it has
+    assert cnn.top_median == pytest.approx(0.91)
+    assert (cnn.top_q1, cnn.top_q3) == pytest.approx((0.90, 0.915))
+    resnet = data.architecture("resnet")
+    assert (resnet.top_values, resnet.top_median, resnet.top_q1) == ((), None, None)
+
+
+def test_top_n_is_configurable_and_direction_aware() -> None:
+    data = compute(known_study("minimize"), top_n=2)
+    mlp = data.architecture("mlp")
+    assert mlp.top_values == pytest.approx((0.70, 0.80))
+    assert mlp.top_median == pytest.approx(0.75)
+    assert (mlp.top_q1, mlp.top_q3) == pytest.approx((0.725, 0.775))
+    assert "top-2 median" in report_render.architecture_table(data).headers
+    with pytest.raises(ValueError, match="top_n"):
+        compute(known_study(), top_n=0)
+
+
+def test_best_trial_details() -> None:
+    study = optuna.create_study(study_name="details", direction="maximize")
+    add_trial(
+        study, "mlp", TrialState.COMPLETE, 0.8, epochs=[0.5, 0.8, 0.7], n_params=12345,
+        params={"architecture": "mlp", "lr": 0.01, "hidden": 64}, checkpoint="trials/0/best.pt",
+    )
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.6, epochs=[0.6, 0.55, 0.5, 0.4])
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2, 0.3])
+    data = compute(study, results_dir="results/details", test_metrics={"mlp": 0.79})
+    mlp = data.architecture("mlp")
+    assert (mlp.best_trial, mlp.n_params, mlp.best_epoch) == (0, 12345, 1)
+    assert mlp.time_to_best == pytest.approx(20.0)  # history[1]["seconds"]
+    assert mlp.total_train_seconds == pytest.approx(30 + 40 + 20)  # pruned trials count too
+    assert mlp.test_metric == pytest.approx(0.79)
+    assert mlp.best_params == {"lr": 0.01, "hidden": 64}
+    assert mlp.checkpoint == "trials/0/best.pt"
+
+
+def test_architecture_without_complete_trials_shows_dashes() -> None:
+    data = compute(known_study())
+    table = report_render.architecture_table(data)
+    row = dict(zip(table.headers, table.rows[2]))
+    assert row["architecture"] == "resnet"
+    assert (row["complete"], row["pruned"], row["failed"]) == ("0", "1", "1")
+    for column in ("best val_acc", "top-5 median", "top-5 IQR", "params", "best epoch"):
+        assert row[column] == "–"
+
+
+# --- seeds and the gap verdict ----------------------------------------------------------------
+
+
+def test_seed_summary_matches_hand_computation() -> None:
+    summary = seed_summary([0.90, 0.91, 0.92])
+    # mean 0.91, sample std 0.01, t(0.975, 2) = 4.302653 -> half width 4.302653 * 0.01 / sqrt(3)
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert summary.n == 3
+    assert summary.mean == pytest.approx(0.91)
+    assert summary.half_width == pytest.approx(half, rel=1e-6)
+    assert (summary.ci_low, summary.ci_high) == pytest.approx((0.91 - half, 0.91 + half))
+
+    five = seed_summary([1.0, 2.0, 3.0, 4.0, 10.0])
+    # mean 4, std sqrt(12.5), t(0.975, 4) = 2.776445
+    assert five.half_width == pytest.approx(2.776445 * math.sqrt(12.5) / math.sqrt(5), rel=1e-6)
+
+
+def test_seed_summary_edge_cases() -> None:
+    single = seed_summary([0.9])
+    assert (single.n, single.mean, single.ci_low, single.half_width) == (1, 0.9, None, None)
+    assert seed_summary([]) == report.SeedSummary((), 0, None, None, None)
+    with_nan = seed_summary([0.9, math.nan, 0.92])
+    assert with_nan.n == 2 and len(with_nan.values) == 3
+    assert with_nan.mean == pytest.approx(0.91)
+    assert with_nan.half_width == pytest.approx(12.706205 * math.sqrt(0.0002) / math.sqrt(2))
+
+
+def test_t_quantile_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 40), 50, 100, 1000, 10**6):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-6)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile_975(0)
+
+
+@pytest.mark.parametrize(
+    ("direction", "seeds", "verdict"),
+    [
+        ("maximize", {"cnn": [0.90, 0.91, 0.92], "mlp": [0.84, 0.85, 0.86]}, "separated"),
+        ("maximize", {"cnn": [0.88, 0.90, 0.92], "mlp": [0.86, 0.87, 0.88]}, "within noise"),
+        ("maximize", {"cnn": [0.80, 0.81, 0.82], "mlp": [0.90, 0.91, 0.92]}, "reversed"),
+        ("maximize", {"cnn": [0.90], "mlp": [0.84, 0.85, 0.86]}, "n/a"),
+        # Minimizing, mlp leads on validation; lower test loss confirms it.
+        ("minimize", {"mlp": [0.50, 0.51, 0.52], "cnn": [0.60, 0.61, 0.62]}, "separated"),
+        ("minimize", {"mlp": [0.60, 0.61, 0.62], "cnn": [0.50, 0.51, 0.52]}, "reversed"),
+    ],
+)
+def test_gap_verdict(direction: str, seeds: dict[str, list[float]], verdict: str) -> None:
+    data = compute(known_study(direction), seed_metrics=seeds)
+    gap = data.gap
+    assert gap.verdict == verdict
+    assert (gap.leader, gap.runner_up) == tuple(data.architecture_names[:2])
+    if verdict != "n/a":
+        expected = statistics_mean(seeds[gap.leader]) - statistics_mean(seeds[gap.runner_up])
+        assert gap.difference == pytest.approx(expected)
+    else:
+        assert "at least 2 finite seed retrains" in gap.text
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_gap_verdict_needs_two_architectures() -> None:
+    study = optuna.create_study(study_name="one", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.8)
+    data = compute(study, seed_metrics={"mlp": [0.8, 0.81]})
+    assert data.gap.verdict == "n/a" and data.gap.runner_up is None
+
+
+def test_single_seed_shows_ci_not_available() -> None:
+    data = compute(known_study(), seed_metrics={"cnn": [0.9], "mlp": [0.85]})
+    cells = dict(zip(seed_table(data).headers, seed_table(data).rows[0]))
+    assert cells["test_acc mean ± 95% CI [low, high]"] == "0.9 (CI n/a)"
+    assert data.gap.verdict == "n/a"
+
+
+# --- the winner -------------------------------------------------------------------------------
+
+
+def test_winner() -> None:
+    study = optuna.create_study(study_name="win", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.7)
+    add_trial(
+        study, "cnn", TrialState.COMPLETE, 0.95, epochs=[0.9, 0.95],
+        params={"architecture": "cnn", "lr": 0.003, "depth": 3},
+        checkpoint="trials/1/epoch001-val_acc0.9500.pt",
+    )
+    data = compute(
+        study,
+        results_dir=Path("results/win"),
+        test_metrics={"cnn": 0.94, "mlp": 0.69},
+        seed_metrics={"cnn": [0.93, 0.94, 0.95]},
+    )
+    winner = data.winner
+    assert winner is not None
+    assert (winner.architecture, winner.trial_number, winner.best_epoch) == ("cnn", 1, 1)
+    assert winner.value == pytest.approx(0.95)
+    assert winner.params == {"lr": 0.003, "depth": 3}
+    assert winner.test_metric == pytest.approx(0.94)
+    assert winner.seeds.mean == pytest.approx(0.94)
+    assert winner.checkpoint_path == "results/win/trials/1/epoch001-val_acc0.9500.pt"
+    assert winner.load_call == 'hpsearch.load_best_model("results/win")'
+
+
+def test_winner_without_results_dir_or_checkpoint() -> None:
+    study = optuna.create_study(study_name="bare", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.7, extra_attrs={"checkpoint": None})
+    winner = compute(study).winner
+    assert winner is not None
+    assert winner.load_call == 'hpsearch.load_best_model("results/bare")'
+    assert (winner.checkpoint, winner.checkpoint_path) == (None, None)
+    assert "not kept" in report_render.render_markdown(compute(study))
+
+
+def test_no_complete_trials() -> None:
+    study = optuna.create_study(study_name="empty", direction="maximize")
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2])
+    add_trial(study, "cnn", TrialState.FAIL)
+    data = compute(study)
+    assert data.winner is None
+    assert data.gap.verdict == "n/a"
+    assert all(a.rank is None for a in data.architectures)
+    assert data.learning_curves == () and data.history.values == ()
+    assert "No complete trials yet" in report_render.render_markdown(data)
+
+
+def test_empty_study() -> None:
+    study = optuna.create_study(study_name="nothing")
+    data = compute(study)
+    assert data.architectures == () and data.counts.total == 0
+    assert data.timeline.bars == ()
+
+
+def test_rejects_unknown_architectures_and_multi_objective() -> None:
+    with pytest.raises(ValueError, match=r"test_metrics.*\['vit'\]"):
+        compute(known_study(), test_metrics={"vit": 0.9})
+    with pytest.raises(ValueError, match="seed_metrics"):
+        compute(known_study(), seed_metrics={"vit": [0.9]})
+    with pytest.raises(ValueError, match="single-objective"):
+        compute(optuna.create_study(directions=["minimize", "maximize"]))
+
+
+def test_nan_values_do_not_crash() -> None:
+    study = optuna.create_study(study_name="nan", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.8, epochs=[math.nan, 0.8])
+    add_trial(study, "cnn", TrialState.COMPLETE, 0.7, extra_attrs={"train_seconds": math.nan})
+    data = compute(
+        study,
+        test_metrics={"mlp": math.nan, "cnn": 0.7},
+        seed_metrics={"mlp": [0.8, math.nan, 0.82], "cnn": [math.nan]},
+    )
+    assert math.isnan(data.architecture("mlp").test_metric or 0.0)
+    table = report_render.architecture_table(data)
+    assert dict(zip(table.headers, table.rows[0]))["test_acc (best ckpt)"] == "NaN"
+    seeds = dict(zip(seed_table(data).headers, seed_table(data).rows[0]))
+    assert seeds["seeds"] == "2 of 3"
+    assert math.isnan(data.learning_curves[0].metric[0])
+    assert "nan" in report_render.architectures_csv(data)
+    # NaN reaches plotly as null, never as a bare NaN token that JavaScript cannot parse.
+    page = report_render.render_html(data, report_figures.draw_figures(data))
+    plots = [part.split("</script>", 1)[0] for part in page.split("Plotly.newPlot(")[1:]]
+    assert plots and not any(re.search(r"\bNaN\b|Infinity", plot) for plot in plots)
+
+
+# --- figure data ------------------------------------------------------------------------------
+
+
+def test_optimization_history_tracks_best_so_far() -> None:
+    data = compute(known_study())
+    values = (0.90, 0.85, 0.88, 0.80, 0.86, 0.70, 0.92, 0.91, 0.89)
+    assert data.history.values == pytest.approx(values)
+    assert data.history.best_so_far == pytest.approx((0.9,) * 6 + (0.92,) * 3)
+    minimize = compute(known_study("minimize")).history
+    assert minimize.best_so_far == pytest.approx((0.9, 0.85, 0.85, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7))
+
+
+def test_intermediate_values_and_learning_curves() -> None:
+    data = compute(known_study())
+    pruned = [c for c in data.intermediate if c.state == "PRUNED"]
+    assert [(c.architecture, c.steps) for c in pruned] == [
+        ("mlp", (0,)), ("cnn", (0, 1)), ("cnn", (0,)), ("resnet", (0,)),
+    ]
+    cnn = next(c for c in data.learning_curves if c.architecture == "cnn")
+    assert cnn.epochs == (0, 1, 2)
+    assert cnn.metric == pytest.approx((0.72, 0.92, 0.82))
+    assert cnn.best_epoch == 1
+    assert [c.architecture for c in data.learning_curves] == ["cnn", "mlp"]
+
+
+def test_importances_skip_small_scopes_with_a_note() -> None:
+    data = compute(known_study())
+    overall = data.importances[0]
+    assert overall.scope == "all architectures" and overall.items == ()
+    assert overall.note is not None and "at least 10" in overall.note
+
+
+def test_importances_overall_and_per_architecture() -> None:
+    study = random_study(60)
+    data = compute(study)
+    scopes = {imp.scope: imp for imp in data.importances}
+    assert set(scopes) == {"all architectures", *ARCHS}
+    overall = dict(scopes["all architectures"].items)
+    assert "architecture" in overall and "lr" in overall
+    assert sum(overall.values()) == pytest.approx(1.0)
+    cnn = dict(scopes["cnn"].items)
+    assert set(cnn) == {"lr", "depth"}  # architecture is constant within a scope
+
+
+def test_parallel_coordinates_axes() -> None:
+    data = compute(known_study())
+    overall = data.parallel[0]
+    assert [axis.label for axis in overall.axes] == ["architecture", "log10(lr)"]
+    arch_axis = overall.axes[0]
+    assert arch_axis.tick_labels == ("cnn", "mlp")
+    assert len(overall.values) == 9
+    assert overall.note is not None and "depth" in overall.note and "hidden" in overall.note
+    mlp = next(pc for pc in data.parallel if pc.scope == "mlp")
+    hidden = next(axis for axis in mlp.axes if axis.label == "hidden")
+    assert hidden.tick_labels == ("32", "64", "128")  # numeric categories sort as numbers
+    resnet = next(pc for pc in data.parallel if pc.scope == "resnet")
+    assert resnet.values == () and resnet.note == "no complete trials"
+
+
+def test_timeline_lanes_and_utilization() -> None:
+    study = optuna.create_study(study_name="timeline", direction="maximize")
+    lane = {"worker": "a:1", "device": "cuda:0", "minutes": 10}
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.8, start=T0, **lane)
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.7, start=T0 + timedelta(minutes=30), **lane)
+    add_trial(study, "cnn", TrialState.FAIL, worker="b:2", device="cuda:1", start=T0, minutes=40)
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING, params={}, distributions={}))
+    data = compute(study)
+    timeline = data.timeline
+    assert len(timeline.bars) == 3  # the waiting trial never started
+    assert (timeline.start, timeline.end) == (T0, T0 + timedelta(minutes=40))
+    lanes = {lane.name: lane for lane in timeline.lanes}
+    assert lanes["a:1 · cuda:0"].busy_seconds == pytest.approx(1200)
+    assert lanes["a:1 · cuda:0"].utilization == pytest.approx(0.5)
+    assert lanes["b:2 · cuda:1"].utilization == pytest.approx(1.0)
+
+
+def test_timeline_running_trial_ends_at_report_time() -> None:
+    study = optuna.create_study(study_name="running")
+    trial = optuna.create_trial(state=TrialState.RUNNING, params={}, distributions={})
+    trial.datetime_start = T0
+    study.add_trial(trial)
+    data = compute(study, now=T0 + timedelta(minutes=5))
+    assert data.timeline.bars[0].end == T0 + timedelta(minutes=5)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    study = known_study()
+    data = compute(
+        study,
+        results_dir="results/known-maximize",
+        test_metrics={"cnn": 0.915, "mlp": 0.87},
+        seed_metrics={"cnn": [0.90, 0.91, 0.92], "mlp": [0.84, 0.85, 0.86]},
+    )
+    paths = write_report(data, study, tmp_path / "out")
+    assert {k: p.name for k, p in paths.items()} == {
+        "html": "report.html",
+        "markdown": "report.md",
+        "architectures_csv": "architectures.csv",
+        "trials_csv": "trials.csv",
+    }
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in paths.values()
+    )
+
+    archs = _read_csv(paths["architectures_csv"])
+    assert next(iter(archs[0])) == "architecture"
+    assert [row["architecture"] for row in archs] == ["cnn", "mlp", "resnet"]
+    assert [row["complete"] for row in archs] == ["3", "6", "0"]
+    by_name = {row["architecture"]: row for row in archs}
+    assert (by_name["mlp"]["complete"], by_name["mlp"]["pruned"], by_name["mlp"]["failed"]) == (
+        "6", "1", "1",
+    )
+    assert float(by_name["cnn"]["best_val_acc"]) == pytest.approx(0.92)
+    assert float(by_name["cnn"]["test_acc"]) == pytest.approx(0.915)
+    assert float(by_name["cnn"]["seed_mean_test_acc"]) == pytest.approx(0.91)
+    assert by_name["resnet"]["best_val_acc"] == ""
+
+    trials = _read_csv(paths["trials_csv"])
+    assert len(trials) == len(study.trials)
+    assert [row["number"] for row in trials] == [str(t.number) for t in study.trials]
+    assert {"param_lr", "param_hidden", "param_depth"} <= set(trials[0])
+    assert "param_architecture" not in trials[0]
+    assert trials[7]["state"] == "FAIL" and trials[7]["fail_reason"] == "CUDA out of memory"
+    assert trials[0]["param_depth"] == ""  # conditional params are blank where not sampled
+
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    assert "| architecture | complete | pruned | failed |" in markdown
+    assert "**Verdict (separated):**" in markdown
+    assert "do not overlap" in markdown
+    assert 'hpsearch.load_best_model("results/known-maximize")' in markdown
+
+    page = paths["html"].read_text(encoding="utf-8")
+    assert "cdn.plot.ly" not in page.replace(_plotlyjs(), "")
+    assert "<script src" not in page and 'src="http' not in page
+    assert page.count(_plotlyjs()) == 1
+    drawn = [s for s in report_figures.draw_figures(data) if s.figure is not None]
+    assert page.count('data-figure="') == len(drawn)
+    assert page.index('id="winner"') < page.index('id="architectures"') < page.index('id="figures"')
+    assert "Winner: cnn" in page
+
+
+def _plotlyjs() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def test_write_report_with_no_complete_trials(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="empty", direction="maximize")
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2])
+    data = compute(study)
+    paths = write_report(data, study, tmp_path)
+    page = paths["html"].read_text(encoding="utf-8")
+    assert "No winner yet" in page and "No complete trials yet." in page
+    assert len(_read_csv(paths["architectures_csv"])) == 1
+
+
+def test_write_report_rejects_another_studys_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="known-maximize"):
+        write_report(compute(known_study()), known_study("minimize"), tmp_path)
+
+
+def test_failed_write_names_the_path_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = known_study()
+    data = compute(study)
+    paths = write_report(data, study, tmp_path)
+    before = paths["trials_csv"].read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(src: str, dst: str | Path) -> None:
+        if Path(dst).name == "trials.csv":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report_render.os, "replace", failing_replace)
+    with pytest.raises(ReportWriteError, match="No space left") as caught:
+        write_report(data, study, tmp_path)
+    assert isinstance(caught.value, OSError)
+    assert caught.value.filename == str(tmp_path / "trials.csv")
+    assert str(tmp_path / "trials.csv") in str(caught.value)
+    assert paths["trials_csv"].read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_report_into_a_file_path_fails_cleanly(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    study = known_study()
+    with pytest.raises(ReportWriteError) as caught:
+        write_report(compute(study), study, blocker)
+    assert caught.value.filename == str(blocker)
+
+
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / ".report.html.abc123.tmp"
+    stale.write_text("half a page")
+    unrelated = tmp_path / ".notes.tmp"
+    unrelated.write_text("keep")
+    study = known_study()
+    write_report(compute(study), study, tmp_path)
+    assert not stale.exists() and unrelated.exists()
+
+
+def test_draw_figures_sections() -> None:
+    sections = report_figures.draw_figures(compute(known_study()))
+    assert [s.key for s in sections] == [
+        "values", "learning-curves", "history", "intermediate", "importances", "parallel",
+        "timeline",
+    ]
+    by_key = {s.key: s for s in sections}
+    # Too few trials for importances: a note instead of a figure, never an exception.
+    assert by_key["importances"].figure is None
+    assert "at least 10" in (by_key["importances"].note or "")
+    parallel = by_key["parallel"].figure
+    assert parallel is not None
+    assert [trace.name for trace in parallel.data] == ["all architectures", "cnn", "mlp"]
+    assert [trace.visible for trace in parallel.data] == [True, False, False]
+    timeline = by_key["timeline"].figure
+    assert timeline is not None and timeline.layout.xaxis.type == "date"
