@@ -740,7 +740,8 @@ def _rank(
 ) -> list[ArchitectureSummary]:
     with_value = sorted(
         (s for s in summaries if s.best_value is not None),
-        key=lambda s: (_sort_key(s.best_value or 0.0, maximize), s.architecture),
+        # Ties go to the earlier trial, so the winner is always Optuna's best_trial.
+        key=lambda s: (_sort_key(s.best_value or 0.0, maximize), s.best_trial, s.architecture),
     )
     without = sorted(
         (s for s in summaries if s.best_value is None), key=lambda s: s.architecture
