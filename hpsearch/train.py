@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from hpsearch.checkpoint import (
     LAST,
     BackgroundWriter,
     TrialFiles,
+    atomic_torch_save,
     is_better,
     load_checkpoint,
     snapshot,
@@ -123,7 +125,8 @@ def evaluate(model: nn.Module, batches: DeviceBatches, task: str) -> dict[str, f
 def _build_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
     name, lr, wd = train["optimizer"], float(train["lr"]), float(train["weight_decay"])
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=train["momentum"])
+        momentum = float(train["momentum"])
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=momentum)
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=lr, weight_decay=wd)
 
@@ -393,7 +396,8 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
                 + " ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch")
             )
             if not (math.isfinite(record["train_loss"]) and math.isfinite(value)):
-                reason = f"non-finite value at epoch {epoch}: train_loss={record['train_loss']}, {monitor}={value}"
+                reason = (f"non-finite value at epoch {epoch}: "
+                          f"train_loss={record['train_loss']}, {monitor}={value}")
                 if cfg.train.on_nonfinite == "prune":
                     trial.set_user_attr("prune_reason", reason)
                     raise optuna.TrialPruned(reason)
@@ -401,28 +405,27 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
             trial.report(record[metric], epoch)
             improved = trainer.tracker.update(value, epoch)
             meta = {**base, "epoch": epoch, "value": value, "metrics": record}
+            due = _files_due(cfg, epoch, value, number, improved)
+            resume_due = (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0
+            # One CPU copy of the weights per epoch serves every file written for it.
+            weights = None
+            if improved or due or resume_due:
+                weights = snapshot(trainer.model.state_dict())
             if improved:
-                best_state = snapshot(trainer.model.state_dict())
-            if save in ("best", "best_and_every_n") and improved:
-                name = checkpoint_name(cfg, epoch, value, number)
-                obj = {**meta, "history": list(trainer.history), "model_state_dict": best_state}
-                writer.submit(lambda o=obj, n=name, e=epoch, v=value: files.save(n, o, "best", e, v))
-            if save == "best_and_every_n" and (epoch + 1) % cfg.checkpoint.every_n_epochs == 0:
-                name = f"every-epoch{epoch:03d}.pt"
-                obj = {**meta, "history": list(trainer.history),
-                       "model_state_dict": snapshot(trainer.model.state_dict())}
-                writer.submit(lambda o=obj, n=name, e=epoch, v=value: files.save(n, o, "every_n", e, v))
-            if save == "last":
-                name = checkpoint_name(cfg, epoch, value, number)
-                obj = {**meta, "history": list(trainer.history),
-                       "model_state_dict": snapshot(trainer.model.state_dict())}
-                writer.submit(
-                    lambda o=obj, n=name, e=epoch, v=value: files.save(n, o, "last_model", e, v)
-                )
+                best_state = weights
+            jobs: list[Callable[[], None]] = []
+            for kind, name in due:
+                obj = {**meta, "history": list(trainer.history), "model_state_dict": weights}
+                jobs.append(partial(files.save, name, obj, kind, epoch, value))
             trainer.step_scheduler(value)
-            if (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0:
-                state = {**base, **snapshot(trainer.resume_state(epoch))}
-                writer.submit(lambda s=state: _save_last(files, s))
+            if resume_due:
+                rest = {k: v for k, v in trainer.resume_state(epoch).items()
+                        if k != "model_state_dict"}
+                state = {**base, **snapshot(rest), "model_state_dict": weights}
+                jobs.append(partial(atomic_torch_save, state, folder / LAST))
+            if jobs:
+                # Written off the training thread; the next submit waits for this one.
+                writer.submit(partial(_run_all, jobs))
             env.on_epoch(number, epoch, record)
             if trial.should_prune():
                 writer.flush()
@@ -456,10 +459,23 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
     return float(trainer.history[trainer.tracker.best_epoch - trainer.history[0]["epoch"]][metric])
 
 
-def _save_last(files: TrialFiles, state: dict[str, Any]) -> None:
-    from hpsearch.checkpoint import atomic_torch_save
+def _files_due(
+    cfg: StudyConfig, epoch: int, value: float, trial: int, improved: bool
+) -> list[tuple[str, str]]:
+    """(kind, file name) of the checkpoints the ``checkpoint.save`` policy writes this epoch."""
+    save, due = cfg.checkpoint.save, []
+    if save in ("best", "best_and_every_n") and improved:
+        due.append(("best", checkpoint_name(cfg, epoch, value, trial)))
+    if save == "best_and_every_n" and (epoch + 1) % cfg.checkpoint.every_n_epochs == 0:
+        due.append(("every_n", f"every-epoch{epoch:03d}.pt"))
+    if save == "last":
+        due.append(("last_model", checkpoint_name(cfg, epoch, value, trial)))
+    return due
 
-    atomic_torch_save(state, files.folder / LAST)
+
+def _run_all(jobs: list[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
 
 
 def _record(trial: optuna.Trial, trainer: Trainer, env: TrialEnv) -> None:
