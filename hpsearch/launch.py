@@ -20,6 +20,7 @@ from types import FrameType
 import optuna
 
 from hpsearch import data as data_mod
+from hpsearch.artifacts import open_artifact_store, publish_study_best
 from hpsearch.checkpoint import atomic_torch_save, clean_stale_temporaries
 from hpsearch.config import TASK_METRICS, ConfigError, StudyConfig
 from hpsearch.keeper import reconcile_best
@@ -203,10 +204,14 @@ def run_study(
             signal.signal(sig, handler)
 
     reconcile_best(study, results_dir, config)
+    # Heals a crash between a new best and its publication as the study artifact.
+    store = open_artifact_store(config, results_dir)
+    if store is not None and (results_dir / "best").exists():
+        publish_study_best(store, study, results_dir)
     printer.show(snapshot(study, config, []))
     if received:
         exit_code = EXIT_SIGNAL.get(signal.Signals(received[0]), 130)
-        event(summary(study, config, results_dir, source or None))
+        event(summary(study, config, results_dir))
         event(f"interrupted: every finished trial and checkpoint is kept; running trials "
               f"resume from their last epoch. Resume with: python -m hpsearch.run "
               f"{source or '<study file>'}")
@@ -219,6 +224,6 @@ def run_study(
         exit_code = EXIT_FAILED
     if config.report.enabled and exit_code == EXIT_OK:
         exit_code = _write_report(config, study, results_dir, slots, event)
-    event(summary(study, config, results_dir, source or None))
+    event(summary(study, config, results_dir))
     log.info("run ended with exit code %s", exit_code)
     return RunResult(exit_code, results_dir, study)

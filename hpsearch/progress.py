@@ -105,8 +105,7 @@ class Printer:
         self.stream.flush()
 
 
-def summary(study: optuna.Study, config: StudyConfig, results_dir: Path,
-            study_file: str | None = None) -> str:
+def summary(study: optuna.Study, config: StudyConfig, results_dir: Path) -> str:
     """The closing text: trials by state, the best trial, where it is, how to use it."""
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
@@ -136,8 +135,7 @@ def summary(study: optuna.Study, config: StudyConfig, results_dir: Path,
             f"print(hpsearch.load_best_model('{results_dir}'))\""
         )
         out.append(f"  verify it: python -m hpsearch.verify {results_dir}")
-    target = study_file or str(results_dir)
-    out.append(f"  dashboard: python -m hpsearch.dashboard {target}")
+    out.append(f"  dashboard: python -m hpsearch.dashboard {results_dir}")
     return "\n".join(out)
 
 

@@ -1,0 +1,305 @@
+"""``python -m hpsearch.dashboard STUDY.yaml | RESULTS_FOLDER``: optuna-dashboard for a study.
+
+Opens the study's storage and artifact store and serves optuna-dashboard on them, on loopback
+unless ``--host`` says otherwise; it reads the storage on every request, so it follows a study
+that is still running. Checkpoints are listed as downloadable artifacts; a checkpoint that
+fell out of the kept top-k is hidden rather than offered as a dead link, and the trial's
+``checkpoint`` attribute says it was deleted. The dashboard sees the storage through
+:class:`PresentedStorage`, which only changes how trials read (see :func:`present`); writes
+from the dashboard (notes, uploads) go to the study unchanged. Bad arguments exit 2 with one
+message.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import copy
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial
+
+from hpsearch.artifacts import (
+    OPTUNA_ARTIFACT_PREFIX,
+    TRIAL_ATTR,
+    LinkingArtifactStore,
+    open_artifact_store,
+    retired_artifacts,
+)
+from hpsearch.config import ConfigError
+from hpsearch.storage import (
+    CONFIG_COPY,
+    default_storage_path,
+    is_rdb,
+    locate,
+    open_storage,
+    storage_url,
+)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+RETIRED_NOTE = "deleted: the trial fell out of the kept top-k"
+# User attributes in the order a reader looks for them; the rest follow as stored.
+ATTR_ORDER = ("architecture", "n_params", "best_epoch", "best_value", "checkpoint",
+              "train_seconds", "device", "worker")
+
+
+class UsageError(Exception):
+    """The arguments name no study this command can open. ``str(err)`` is the message."""
+
+
+@dataclass
+class Target:
+    """What the dashboard serves: a storage, an artifact store, and the study it came for."""
+
+    storage: BaseStorage
+    artifact_store: Any
+    study_name: str | None
+    description: str
+
+
+# ---------------------------------------------------------------- finding the study
+
+
+def resolve(target: str, results_root: str) -> Target:
+    """Open the storage and artifact store of a study file or a results folder.
+
+    A results folder is read through its ``config.yaml`` (the run's copy of the study), so a
+    study on another storage or artifact store opens from its folder too; a folder of an older
+    run, with only ``journal.log``, opens with the default artifact folder.
+
+    Args:
+        target: A study file (``.yaml``) or a study's results folder (``results/<name>``).
+        results_root: Where a study file's results live (``--results-dir`` of the run).
+
+    Raises:
+        UsageError: Nothing to open there.
+    """
+    path = Path(target)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist: pass a study file or a results folder")
+    if path.is_dir() and not (path / CONFIG_COPY).is_file():
+        journal = default_storage_path(path)
+        if not journal.is_file():
+            raise UsageError(f"{path} is not a study's results folder: it has neither "
+                             f"{CONFIG_COPY} nor {journal.name}")
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        return Target(storage, LinkingArtifactStore(path / "artifacts"), path.name, str(journal))
+    if path.is_file() and path.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"{path} is neither a study file (.yaml) nor a results folder")
+    try:
+        config, results_dir = locate(path, results_root)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    url = storage_url(config, results_dir)
+    local = not is_rdb(url) and not url.startswith(("redis://", "rediss://"))
+    if local and not Path(url.removeprefix("file://")).is_file():
+        rerun = f"python -m hpsearch.run {path}" + (
+            f" --results-dir {results_root}" if results_root != "results" else ""
+        )
+        raise UsageError(f"study {config.study.name!r} has not started: {url} does not exist "
+                         f"(start it with: {rerun})")
+    try:
+        storage = open_storage(url, config)
+        store = open_artifact_store(config, results_dir)
+    except Exception as err:  # a bad URL or a missing driver: one line, not a traceback
+        raise UsageError(f"cannot open the storage {url}: {err}") from None
+    return Target(storage, store, config.study.name, url)
+
+
+# ---------------------------------------------------------------- what the dashboard sees
+
+
+def present(trial: FrozenTrial, retired: set[str]) -> FrozenTrial:
+    """The trial as the dashboard shows it.
+
+    A retired checkpoint's artifact is hidden and its ``checkpoint`` says it was deleted; the
+    user attributes a reader looks for come first; ``history`` (every epoch's metrics, which
+    the dashboard would show as one long JSON line cut at 1 kB) becomes a one-line summary.
+    """
+    attrs = dict(trial.user_attrs)
+    shown = copy.copy(trial)  # never mutate the storage's own (cached) trial
+    if attrs.get(TRIAL_ATTR) in retired:
+        shown.system_attrs = {
+            k: v for k, v in trial.system_attrs.items()
+            if k.removeprefix(OPTUNA_ARTIFACT_PREFIX) not in retired
+        }
+        del attrs[TRIAL_ATTR]
+        attrs["checkpoint"] = RETIRED_NOTE
+    if isinstance(attrs.get("history"), list):
+        attrs["history"] = summarize_history(attrs["history"])
+    first = [k for k in ATTR_ORDER if k in attrs]
+    shown.user_attrs = {k: attrs[k] for k in [*first, *(k for k in attrs if k not in first)]}
+    return shown
+
+
+def summarize_history(history: list[Any]) -> str:
+    """``"4 epochs: train_loss 2.3→1.8, val_acc 0.25→0.38"``: each metric's first and last."""
+    records = [r for r in history if isinstance(r, dict)]
+    if not records:
+        return f"{len(history)} epochs"
+    first, last = records[0], records[-1]
+    parts = [
+        f"{k} {first[k]:.4g}→{last[k]:.4g}"
+        for k in last
+        if k not in ("epoch", "lr", "seconds") and isinstance(last[k], (int, float))
+        and isinstance(first.get(k), (int, float))
+    ]
+    return f"{len(records)} epochs: " + ", ".join(parts)
+
+
+class PresentedStorage(BaseStorage):
+    """A read-through view of a storage whose trials pass through :func:`present`.
+
+    Everything else goes to the wrapped storage unchanged, writes included.
+    """
+
+    def __init__(self, inner: BaseStorage) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _retired(self, study_id: int | None = None) -> set[str]:
+        ids = (
+            [study_id] if study_id is not None
+            else [s._study_id for s in self._inner.get_all_studies()]
+        )
+        return {a for i in ids for a in retired_artifacts(self._inner, i)}
+
+    def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
+        # The dashboard sorts only RDB studies itself; this view hides the storage's class.
+        return sorted(self._inner.get_all_studies(), key=lambda s: s._study_id)
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Any = None
+    ) -> list[FrozenTrial]:
+        trials = self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        retired = self._retired(study_id)
+        return [present(t, retired) for t in trials]
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return present(self._inner.get_trial(trial_id), self._retired())
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return present(self._inner.get_best_trial(study_id), self._retired(study_id))
+
+
+def _delegate(name: str) -> Any:
+    def method(self: PresentedStorage, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._inner, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# The rest of BaseStorage goes straight through; per-trial getters (user and system attrs,
+# params) keep BaseStorage's versions, which read through get_trial above.
+for _name in sorted(BaseStorage.__abstractmethods__ | {"get_n_trials", "remove_session",
+                                                       "check_trial_is_updatable",
+                                                       "get_trial_id_from_study_id_trial_number",
+                                                       "get_trial_number_from_id"}):
+    if _name not in vars(PresentedStorage):
+        setattr(PresentedStorage, _name, _delegate(_name))
+abc.update_abstractmethods(PresentedStorage)
+
+
+# ---------------------------------------------------------------- serving
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # The React app fetches in parallel; one slow request must not stall the others.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+        pass
+
+
+def build_server(target: Target, host: str, port: int) -> WSGIServer:
+    """A started-but-not-serving WSGI server of optuna-dashboard for ``target``.
+
+    Raises:
+        UsageError: The host or port cannot be bound.
+    """
+    from optuna_dashboard import wsgi
+
+    app = wsgi(PresentedStorage(target.storage), artifact_store=target.artifact_store)
+    server_class = _Server
+    if ":" in host:
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    try:
+        return make_server(host, port, app, server_class=server_class,
+                           handler_class=_QuietHandler)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def study_url(target: Target, base: str) -> str:
+    """The study's page if the storage holds it (or holds exactly one study), else the index."""
+    studies = target.storage.get_all_studies()
+    named = [s for s in studies if s.study_name == target.study_name]
+    if not named and len(studies) == 1:
+        named = studies
+    return f"{base}/dashboard/studies/{named[0]._study_id}" if named else f"{base}/dashboard/"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpsearch.dashboard",
+        description="Serve optuna-dashboard for an hpsearch study, checkpoints included.",
+    )
+    p.add_argument("target", help="the study file, or the study's results folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080,
+                   help="port to listen on (default: 8080; 0 picks a free one)")
+    p.add_argument("--results-dir", default="results",
+                   help="results root of a study file's run (default: results/)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the dashboard until Ctrl-C or SIGTERM. Returns the exit code (2: bad arguments)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535 (got {args.port})")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        target = resolve(args.target, args.results_dir)
+        server = build_server(target, args.host, args.port)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()  # every interface: name one other machines can reach
+    shown = f"[{host}]" if ":" in str(host) else host
+    url = study_url(target, f"http://{shown}:{port}")
+    if args.host not in LOOPBACK:
+        print(f"warning: listening on {args.host}: the dashboard has no login, so anyone who "
+              "can reach this port can read and change the study", file=sys.stderr)
+    print(f"optuna-dashboard on {target.description}: {url}", flush=True)
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
