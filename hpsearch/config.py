@@ -594,7 +594,8 @@ def _suggest_key(model: type[BaseModel], loc: list[str]) -> str:
             return ""
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        cls = models[0] if models else None
         if cls is None:
             return ""
     if not hasattr(cls, "model_fields"):
@@ -625,7 +626,8 @@ def parse_config(raw: Any, source: str = "") -> StudyConfig:
         elif e["type"] == "literal_error":
             got = e.get("input")
             expected = (e.get("ctx") or {}).get("expected", "")
-            valid = tuple(x.strip().strip("'") for x in str(expected).replace(" or ", ",").split(","))
+            names = str(expected).replace(" or ", ",").split(",")
+            valid = tuple(x.strip().strip("'") for x in names)
             problem = _unknown(str(got), tuple(v for v in valid if v), "value")
         if key.startswith("model.architecture.") and key.endswith(".params"):
             key = key.removesuffix(".params")
