@@ -350,19 +350,22 @@ def update_study_best(
             return False
         stage = store / f"trial-{meta['trial']}"
         tmp_stage = store / f"{TMP_PREFIX}trial-{meta['trial']}-{os.getpid()}"
+        step = tmp_stage  # the path being written, for the error message
         try:
             shutil.rmtree(tmp_stage, ignore_errors=True)
             tmp_stage.mkdir(parents=True)
-            target = tmp_stage / "model.pt"
+            step = target = tmp_stage / "model.pt"
             try:
                 os.link(checkpoint, target)  # same inode: no second copy on disk
             except OSError:
                 shutil.copyfile(checkpoint, target)
             meta = {**meta, "sha256": sha256_file(target)}
             atomic_write_json(tmp_stage / "meta.json", meta)
+            step = stage
             if stage.exists():
                 shutil.rmtree(stage)
             os.replace(tmp_stage, stage)
+            step = link
             tmp_link = results_dir / f"{TMP_PREFIX}best-link-{os.getpid()}"
             with contextlib.suppress(FileNotFoundError):
                 tmp_link.unlink()
@@ -372,8 +375,9 @@ def update_study_best(
         except CheckpointWriteError:
             raise
         except OSError as err:
-            path = err.filename or str(link)
-            raise CheckpointWriteError(err.errno, f"cannot write {path}: {err.strerror}") from err
+            raise CheckpointWriteError(
+                err.errno, f"cannot write {step}: {err.strerror or err}", str(step)
+            ) from err
         # Keep the previous stage too: a reader that resolved the old link may still be reading.
         previous = current.get("trial") if current else None
         for old in store.iterdir():

@@ -1,6 +1,7 @@
 """``python -m hpsearch.verify RESULTS_DIR``: reload the study best and reproduce its metric.
 
-Checks, in order: ``best/meta.json`` and ``best/model.pt`` exist; the file matches the recorded
+Checks, in order: every kept trial checkpoint exists and matches the sha256 in its
+manifest; ``best/meta.json`` and ``best/model.pt`` exist; the file matches the recorded
 sha256 and loads with ``weights_only=True``; the rebuilt model, evaluated on the validation
 split, gives the recorded value. Exit 0 when all hold, 1 otherwise, 2 for bad arguments.
 """
@@ -8,6 +9,7 @@ split, gives the recorded value. Exit 0 when all hold, 1 otherwise, 2 for bad ar
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -17,7 +19,13 @@ from pathlib import Path
 import torch
 
 from hpsearch import data as data_mod
-from hpsearch.checkpoint import CheckpointError, load_checkpoint, read_best_meta
+from hpsearch.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    load_checkpoint,
+    read_best_meta,
+    sha256_file,
+)
 from hpsearch.config import ConfigError, parse_config
 from hpsearch.data import DeviceBatches
 from hpsearch.loading import load_model
@@ -32,8 +40,27 @@ class Verdict:
     reproduced: float | None = None
 
 
+def check_kept_files(results_dir: Path) -> list[str]:
+    """Every checkpoint a trial manifest lists must exist and match its recorded sha256."""
+    problems = []
+    for manifest_path in sorted((results_dir / "trials").glob("*/" + MANIFEST)):
+        files = json.loads(manifest_path.read_text()).get("files", {})
+        for name, entry in sorted(files.items()):
+            path = manifest_path.parent / name
+            if not path.exists():
+                problems.append(f"checkpoint missing: {path}")
+            elif sha256_file(path) != entry["sha256"]:
+                problems.append(f"checkpoint {path} is corrupt: its sha256 differs from the "
+                                "recorded one")
+    return problems
+
+
 def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict:
-    """Reload the study best from ``results_dir`` and re-evaluate it on the validation split."""
+    """Check every kept checkpoint's sha256, then reload the study best and re-evaluate it on
+    the validation split."""
+    problems = check_kept_files(results_dir)
+    if problems:
+        return Verdict(False, "; ".join(problems))
     meta = read_best_meta(results_dir)
     if meta is None:
         return Verdict(False, f"no study best: {results_dir / 'best' / 'meta.json'} is missing")
