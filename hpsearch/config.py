@@ -151,6 +151,8 @@ class PrunerConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: Literal[PRUNERS] = "median"  # type: ignore[valid-type]
+    wrapped: PrunerConfig | None = None
+    """For ``patient``: the pruner it wraps."""
 
 
 class StudySection(_Strict):
@@ -253,6 +255,7 @@ class TrainSection(_Strict):
     def _searchables(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = dict(data)  # never change the caller's mapping
         for key in SEARCHABLE_TRAIN_KEYS:
             if key in data:
                 data[key] = _parse_value(data[key], key)
@@ -304,7 +307,7 @@ class CheckpointSection(_Strict):
     def _template(cls, v: str) -> str:
         try:
             name = v.format(epoch=1, monitor="val_loss", value=0.5, trial=3)
-        except (KeyError, IndexError, ValueError) as err:
+        except Exception as err:  # any str.format failure is a bad template
             raise ValueError(
                 f"bad template ({err}); use {{epoch}}, {{monitor}}, {{value}}, {{trial}}"
             ) from None
@@ -530,7 +533,8 @@ class _KeyError(ValueError):
 def _parse_value(value: Any, key: str) -> Any:
     if _is_distribution(value):
         kind = value.get("type")
-        model = {"float": FloatDist, "int": IntDist, "categorical": CategoricalDist}.get(kind)
+        models = {"float": FloatDist, "int": IntDist, "categorical": CategoricalDist}
+        model = models.get(kind) if isinstance(kind, str) else None
         if model is None:
             raise _KeyError(
                 f"{key}.type", _unknown(str(kind), ("float", "int", "categorical"), "type")
@@ -538,7 +542,7 @@ def _parse_value(value: Any, key: str) -> Any:
         try:
             return model.model_validate(value)
         except ValidationError as err:
-            sub, problem = _first_error(err)
+            sub, problem = _first_error(err, value)
             raise _KeyError(f"{key}.{sub}" if sub else key, problem) from None
     if isinstance(value, dict):
         raise _KeyError(key, "a search distribution needs `type: float|int|categorical`")
@@ -571,18 +575,67 @@ def _unknown(value: str, valid: tuple[str, ...], what: str) -> str:
     return f"unknown {what} {value!r}{hint} (valid: {', '.join(valid)})"
 
 
-def _first_error(err: ValidationError) -> tuple[str, str]:
+def _first_error(err: ValidationError, raw: Any = None) -> tuple[str, str]:
+    """The first error as (key path as the user wrote it, problem)."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))]
-    # Discriminated unions add the tag as a path element; drop it for readability.
-    loc = [p for p in loc if p not in ("float", "int", "categorical")]
+    loc = list(e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
     ctx_err = (e.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _KeyError):
         loc, msg = loc + ctx_err.key.split("."), ctx_err.problem
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
-    return ".".join(loc), msg
+    if raw is None:
+        parts = [str(p) for p in loc if str(p) not in ("float", "int", "categorical")]
+        return ".".join(parts), msg
+    parts, odd = _user_path(raw, loc, missing=e["type"] == "missing")
+    if e["type"] == "invalid_key" and odd is None:
+        # Pydantic locates a non-string key by position; find it in the mapping itself.
+        node: Any = raw
+        for part in parts:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, dict):
+            odd = next(((k,) for k in node if not isinstance(k, str)), None)
+    if odd is not None:
+        parts = parts or [str(odd[0])]
+        msg = (f"has a key {odd[0]!r} that is not a string; quote it (YAML reads yes/no/on/off "
+               "and numbers as booleans and numbers)")
+    return ".".join(parts), msg
+
+
+def _user_path(
+    raw: Any, loc: list[Any], missing: bool = False
+) -> tuple[list[str], tuple[Any] | None]:
+    """Keep the parts of a pydantic location that are keys or indices of the user's input.
+
+    Pydantic adds union tags and validator names (``literal['auto','cpu']``, ``bool``) to
+    locations; walking the input drops them. A key the input lacks is kept only at the end
+    (a missing key). Returns the path, and ``(key,)`` for a non-string key met on the way.
+    """
+    out: list[str] = []
+    node = raw
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and _has_key(node, part):
+            key = next(k for k in node if k == part or str(k) == str(part))
+            if not isinstance(key, str):
+                return out, (key,)
+            out.append(str(part))
+            node = node[key]
+        elif isinstance(node, list) and str(part).isdigit() and int(part) < len(node):
+            out.append(str(part))
+            node = node[int(part)]
+        elif missing and i == len(loc) - 1 and isinstance(node, dict):
+            out.append(str(part))
+    return out, None
+
+
+def _has_key(node: dict[Any, Any], part: Any) -> bool:
+    try:
+        if part in node:
+            return True
+    except TypeError:
+        return False
+    return any(str(k) == str(part) for k in node)
 
 
 def _suggest_key(model: type[BaseModel], loc: list[str]) -> str:
@@ -617,7 +670,7 @@ def parse_config(raw: Any, source: str = "") -> StudyConfig:
     except _KeyError as err:
         raise ConfigError(source, f"model.{err.key}", err.problem) from None
     except ValidationError as err:
-        key, problem = _first_error(err)
+        key, problem = _first_error(err, raw)
         e = err.errors()[0]
         if e["type"] == "extra_forbidden":
             problem = "unknown key" + _suggest_key(StudyConfig, key.split("."))
@@ -629,9 +682,9 @@ def parse_config(raw: Any, source: str = "") -> StudyConfig:
             names = str(expected).replace(" or ", ",").split(",")
             valid = tuple(x.strip().strip("'") for x in names)
             problem = _unknown(str(got), tuple(v for v in valid if v), "value")
-        if key.startswith("model.architecture.") and key.endswith(".params"):
-            key = key.removesuffix(".params")
         return _raise(source, key, problem)
+    except RecursionError:
+        raise ConfigError(source, "", "the study is nested too deeply") from None
 
 
 def _raise(source: str, key: str, problem: str) -> StudyConfig:
@@ -660,6 +713,8 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(source, "", f"cannot read the file: {err}") from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(source, "", "the YAML is nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

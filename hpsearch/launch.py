@@ -46,8 +46,9 @@ def check_strategy(config: StudyConfig, source: str) -> None:
                        ("study.pruner", lambda: build_pruner(config.study.pruner))):
         try:
             build()
-        except (TypeError, ValueError) as err:
-            raise ConfigError(source, key, str(err)) from None
+        except Exception as err:  # whatever Optuna raises for bad arguments is the user's
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(source, key, f"{type(err).__name__}: {first}") from None
 
 
 def _run_logger(results_dir: Path) -> logging.Logger:

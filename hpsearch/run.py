@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the workers started: nothing to save.
+        print("interrupted before the study started", file=sys.stderr)
+        return 130
     return result.exit_code
 
 

@@ -51,8 +51,7 @@ def build_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
     """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``."""
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
     if cfg.name == "patient":
-        wrapped = kwargs.pop("wrapped", None)
-        kwargs["wrapped_pruner"] = (
-            build_pruner(PrunerConfig.model_validate(wrapped)) if wrapped else None
-        )
+        kwargs["wrapped_pruner"] = build_pruner(cfg.wrapped) if cfg.wrapped else None
+    elif cfg.wrapped is not None:
+        raise ValueError("wrapped: only the patient pruner wraps another")
     return _PRUNERS[cfg.name](**kwargs)
