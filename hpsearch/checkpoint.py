@@ -291,7 +291,10 @@ class TrialFiles:
 
 
 def select_kept(
-    trials: Iterable[tuple[int, float, str]], keep_top_k_trials: int, minimize: bool
+    trials: Iterable[tuple[int, float, str]],
+    keep_top_k_trials: int,
+    minimize: bool,
+    pruned: Iterable[tuple[int, float, str]] = (),
 ) -> set[int]:
     """Which finished trials keep their checkpoints.
 
@@ -299,16 +302,22 @@ def select_kept(
         trials: (number, value, architecture) of every COMPLETE trial.
         keep_top_k_trials: How many of the best trials to keep.
         minimize: The study's direction.
+        pruned: (number, best value, architecture) of PRUNED trials.
 
     Returns:
-        The top-k trial numbers, plus each architecture's best (the report evaluates those).
+        The top-k trial numbers, plus each architecture's best (the report evaluates those):
+        its best complete trial, or its best pruned one when none completed.
     """
-    finite = [t for t in trials if t[1] is not None and math.isfinite(t[1])]
     sign = 1.0 if minimize else -1.0
-    ranked = sorted(finite, key=lambda t: (sign * t[1], t[0]))
-    kept = {t[0] for t in ranked[:keep_top_k_trials]}
+
+    def ranked(rows: Iterable[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+        finite = [t for t in rows if t[1] is not None and math.isfinite(t[1])]
+        return sorted(finite, key=lambda t: (sign * t[1], t[0]))
+
+    complete = ranked(trials)
+    kept = {t[0] for t in complete[:keep_top_k_trials]}
     seen: set[str] = set()
-    for number, _, arch in ranked:
+    for number, _, arch in complete + ranked(pruned):
         if arch not in seen:
             seen.add(arch)
             kept.add(number)

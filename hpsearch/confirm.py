@@ -8,6 +8,7 @@ slot's device, torch threads split as for the workers).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,22 @@ def test_metric_name(metric: str) -> str:
 
 
 def architecture_bests(study: optuna.Study, minimize: bool) -> dict[str, FrozenTrial]:
-    """Each architecture's best COMPLETE trial."""
+    """Each architecture's best COMPLETE trial, or its best PRUNED one when none completed."""
+    def value(t: FrozenTrial) -> float | None:
+        v = t.value if t.state == TrialState.COMPLETE else t.user_attrs.get("best_value")
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
     best: dict[str, FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        arch = str(t.params.get("architecture"))
-        if t.value is None:
-            continue
-        cur = best.get(arch)
-        if cur is None or (t.value < cur.value if minimize else t.value > cur.value):
-            best[arch] = t
+    for state in (TrialState.COMPLETE, TrialState.PRUNED):
+        found: dict[str, FrozenTrial] = {}
+        for t in study.get_trials(deepcopy=False, states=(state,)):
+            arch, v = str(t.params.get("architecture")), value(t)
+            if arch in best or v is None:
+                continue
+            cur = found.get(arch)
+            if cur is None or (v < value(cur) if minimize else v > value(cur)):
+                found[arch] = t
+        best.update(found)
     return best
 
 

@@ -92,7 +92,14 @@ def apply_retention(
             for t in trials
             if t.state == TrialState.COMPLETE
         ]
-        kept = select_kept(complete, config.checkpoint.keep_top_k_trials, config.minimize)
+        pruned = [
+            (t.number, t.user_attrs.get("best_value"), str(t.params.get("architecture")))
+            for t in trials
+            if t.state == TrialState.PRUNED
+        ]
+        kept = select_kept(
+            complete, config.checkpoint.keep_top_k_trials, config.minimize, pruned
+        )
         # A failed trial awaiting its resume keeps its files: the retry adopts them.
         awaiting = retried_numbers(trials)
         deleted = []

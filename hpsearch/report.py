@@ -165,6 +165,9 @@ class ArchitectureSummary(NamedTuple):
     best_params: dict[str, Any]
     checkpoint: str | None
     """Best trial's checkpoint, relative to the study's results folder."""
+    from_pruned: bool = False
+    """No trial of this architecture completed: the row describes its best pruned trial
+    (best value over the epochs it ran), ranked after every architecture that completed."""
 
 
 class GapVerdict(NamedTuple):
@@ -581,7 +584,10 @@ def compute_report(
         results_dir=results_folder,
         counts=_count_states(trials),
         architectures=tuple(summaries),
-        winner=_winner(ranked[0], study.study_name, results_folder) if ranked else None,
+        winner=(
+            _winner(ranked[0], study.study_name, results_folder)
+            if ranked and not ranked[0].from_pruned else None
+        ),
         gap=_gap_verdict(ranked, maximize=maximize, test_metric_name=test_metric_name),
         trials=tuple(_trial_row(t) for t in trials),
         param_names=tuple(
@@ -711,13 +717,22 @@ def _summarize_architecture(
     top = tuple(_complete_value(t) or 0.0 for t in complete[:top_n])
     times = [s for s in (_train_seconds(t) for t in trials) if s is not None]
     best = complete[0] if complete else None
+    best_value = _complete_value(best) if best else None
+    from_pruned = False
+    if best is None:
+        # Every trial was pruned: describe the best of them rather than leave a blank row.
+        pruned = [t for t in trials if t.state == TrialState.PRUNED
+                  and _pruned_value(t) is not None]
+        pruned.sort(key=lambda t: (_sort_key(_pruned_value(t) or 0.0, maximize), t.number))
+        if pruned:
+            best, best_value, from_pruned = pruned[0], _pruned_value(pruned[0]), True
     q1, q3 = (float(q) for q in np.percentile(top, [25, 75])) if top else (None, None)
     return ArchitectureSummary(
         architecture=name,
         rank=None,
         counts=_count_states(trials),
         best_trial=best.number if best else None,
-        best_value=_complete_value(best) if best else None,
+        best_value=best_value,
         top_values=top,
         top_median=statistics.median(top) if top else None,
         top_q1=q1,
@@ -732,7 +747,13 @@ def _summarize_architecture(
             {k: v for k, v in best.params.items() if k != ARCHITECTURE_PARAM} if best else {}
         ),
         checkpoint=_as_str(best.user_attrs.get("checkpoint")) if best else None,
+        from_pruned=from_pruned,
     )
+
+
+def _pruned_value(trial: FrozenTrial) -> float | None:
+    value = _as_float(trial.user_attrs.get("best_value"))
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _rank(
@@ -741,7 +762,8 @@ def _rank(
     with_value = sorted(
         (s for s in summaries if s.best_value is not None),
         # Ties go to the earlier trial, so the winner is always Optuna's best_trial.
-        key=lambda s: (_sort_key(s.best_value or 0.0, maximize), s.best_trial, s.architecture),
+        key=lambda s: (s.from_pruned, _sort_key(s.best_value or 0.0, maximize), s.best_trial,
+                       s.architecture),
     )
     without = sorted(
         (s for s in summaries if s.best_value is None), key=lambda s: s.architecture

@@ -125,7 +125,7 @@ def architecture_table(data: ReportData) -> Table:
             (
                 a.architecture,
                 *counts,
-                fmt_num(a.best_value),
+                fmt_num(a.best_value) + (" (pruned)" if a.from_pruned else ""),
                 median,
                 iqr,
                 fmt_num(a.test_metric),
@@ -184,6 +184,8 @@ def _method_notes(data: ReportData) -> list[str]:
         "the architectures equal.",
         "Time to best: cumulative training seconds at the end of the best epoch of the best "
         "trial. Train time sums every trial of the architecture, pruned and failed included.",
+        "(pruned): no trial of that architecture completed, so its row describes its best "
+        "pruned trial (best value over the epochs it ran) and it ranks after the others.",
     ]
 
 
@@ -267,6 +269,7 @@ def architectures_csv(data: ReportData) -> str:
         f"best_{m}", "top_n", f"top_median_{m}", f"top_q1_{m}", f"top_q3_{m}", t,
         "seed_n", f"seed_mean_{t}", f"seed_ci95_low_{t}", f"seed_ci95_high_{t}", "seed_values",
         "n_params", "best_epoch", "time_to_best_s", "total_train_s", "checkpoint", "best_params",
+        "best_from_pruned",
     ]
     rows = [
         [
@@ -276,6 +279,7 @@ def architectures_csv(data: ReportData) -> str:
             a.seeds.ci_high, " ".join(repr(v) for v in a.seeds.values), a.n_params,
             a.best_epoch, a.time_to_best, a.total_train_seconds, a.checkpoint,
             json.dumps(a.best_params, sort_keys=True, default=str) if a.best_params else None,
+            a.from_pruned,
         ]
         for a in data.architectures
     ]

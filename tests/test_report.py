@@ -248,7 +248,9 @@ def test_best_per_architecture_respects_direction(
     data = compute(known_study(direction))
     assert data.direction == direction
     assert list(data.architecture_names) == ranking
-    assert [a.rank for a in data.architectures] == [1, 2, None]
+    # resnet never completed: its best pruned trial gives it a row, ranked last.
+    assert [a.rank for a in data.architectures] == [1, 2, 3]
+    assert [a.from_pruned for a in data.architectures] == [False, False, True]
     for arch, value in best.items():
         summary = data.architecture(arch)
         assert summary.best_value == pytest.approx(value)
@@ -298,14 +300,17 @@ def test_best_trial_details() -> None:
     assert mlp.checkpoint == "trials/0/best.pt"
 
 
-def test_architecture_without_complete_trials_shows_dashes() -> None:
+def test_architecture_without_complete_trials_shows_its_best_pruned_trial() -> None:
     data = compute(known_study())
     table = report_render.architecture_table(data)
     row = dict(zip(table.headers, table.rows[2]))
     assert row["architecture"] == "resnet"
     assert (row["complete"], row["pruned"], row["failed"]) == ("0", "1", "1")
-    for column in ("best val_acc", "top-5 median", "top-5 IQR", "params", "best epoch"):
+    assert row["best val_acc"] == "0.15 (pruned)"
+    for column in ("top-5 median", "top-5 IQR"):
         assert row[column] == "–"
+    assert "(pruned): no trial of that architecture completed" in (
+        report_render.render_markdown(data))
 
 
 # --- seeds and the gap verdict ----------------------------------------------------------------
@@ -430,8 +435,11 @@ def test_no_complete_trials() -> None:
     data = compute(study)
     assert data.winner is None
     assert data.gap.verdict == "n/a"
-    assert all(a.rank is None for a in data.architectures)
-    assert data.learning_curves == () and data.history.values == ()
+    assert [(a.architecture, a.rank, a.from_pruned) for a in data.architectures] == [
+        ("mlp", 1, True), ("cnn", None, False),
+    ]
+    assert [c.architecture for c in data.learning_curves] == ["mlp"]
+    assert data.history.values == ()
     assert "No complete trials yet" in report_render.render_markdown(data)
 
 
@@ -495,7 +503,7 @@ def test_intermediate_values_and_learning_curves() -> None:
     assert cnn.epochs == (0, 1, 2)
     assert cnn.metric == pytest.approx((0.72, 0.92, 0.82))
     assert cnn.best_epoch == 1
-    assert [c.architecture for c in data.learning_curves] == ["cnn", "mlp"]
+    assert [c.architecture for c in data.learning_curves] == ["cnn", "mlp", "resnet"]
 
 
 def test_importances_skip_small_scopes_with_a_note() -> None:
@@ -595,7 +603,9 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert float(by_name["cnn"]["best_val_acc"]) == pytest.approx(0.92)
     assert float(by_name["cnn"]["test_acc"]) == pytest.approx(0.915)
     assert float(by_name["cnn"]["seed_mean_test_acc"]) == pytest.approx(0.91)
-    assert by_name["resnet"]["best_val_acc"] == ""
+    assert float(by_name["resnet"]["best_val_acc"]) == pytest.approx(0.15)
+    assert (by_name["resnet"]["best_from_pruned"], by_name["cnn"]["best_from_pruned"]) == (
+        "True", "False")
 
     trials = _read_csv(paths["trials_csv"])
     assert len(trials) == len(study.trials)
