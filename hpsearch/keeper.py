@@ -39,6 +39,9 @@ def best_meta(trial: FrozenTrial, config: StudyConfig) -> dict[str, Any]:
         "best_epoch": trial.user_attrs.get("best_epoch"),
         "checkpoint": trial.user_attrs.get("checkpoint"),
         "study": config.study.name,
+        # A resumed trial's best epoch may predate the break: its file names the trial it
+        # was written by, one of these.
+        "lineage": [*trial.system_attrs.get("retry_history", []), trial.number],
     }
 
 

@@ -195,6 +195,7 @@ def run_study(
             printer.show(snapshot(study, config, sup.statuses()))
             if time.monotonic() - last_recover > max(2.0, config.study.grace_period / 2):
                 last_recover = time.monotonic()
+                sup.kill_silent(config.study.grace_period)
                 for failed, queued in recover_stale(study, results_dir, config,
                                                     live_pids=sup.worker_pids()):
                     event(f"trial {failed} went stale; trial {queued} resumes it")

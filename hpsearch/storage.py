@@ -195,7 +195,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # An orphan that died can linger as a zombie where nothing reaps it (containers).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def is_stale(results_dir: Path, trial: FrozenTrial, grace: float, now: float | None = None) -> bool:

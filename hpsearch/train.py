@@ -12,6 +12,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import hpsearch
 from hpsearch.checkpoint import (
     FORMAT_VERSION,
     LAST,
+    MANIFEST,
     BackgroundWriter,
     TrialFiles,
     atomic_torch_save,
@@ -328,13 +330,12 @@ def checkpoint_name(config: StudyConfig, epoch: int, value: float, trial: int) -
     )
 
 
-def resume_source(trial: optuna.Trial) -> int | None:
-    """The trial this one resumes: the last entry of Optuna's ``retry_history``.
+def resume_chain(trial: optuna.Trial) -> list[int]:
+    """The failed trials this one retries, oldest first (Optuna's ``retry_history``).
 
     Read from the stored FrozenTrial: in Optuna 5 a live Trial exposes no system attrs.
     """
-    history = frozen(trial).system_attrs.get("retry_history")
-    return int(history[-1]) if history else None
+    return [int(n) for n in frozen(trial).system_attrs.get("retry_history", [])]
 
 
 def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
@@ -364,9 +365,9 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
     trial.set_user_attr("architecture", params.architecture)
     trial.set_user_attr("n_params", count_parameters(trainer.model))
 
-    source = resume_source(trial)
-    if source is not None:
-        _resume(trial, trainer, files, source, env)
+    chain = resume_chain(trial)
+    if chain:
+        _resume(trial, trainer, files, chain, env)
 
     base = {
         "format_version": FORMAT_VERSION,
@@ -493,17 +494,27 @@ def _record(trial: optuna.Trial, trainer: Trainer, env: TrialEnv) -> None:
 
 
 def _resume(
-    trial: optuna.Trial, trainer: Trainer, files: TrialFiles, source: int, env: TrialEnv
+    trial: optuna.Trial, trainer: Trainer, files: TrialFiles, chain: list[int], env: TrialEnv
 ) -> None:
-    """Continue from the failed trial ``source``: its state, history and best checkpoints."""
-    src_dir = trial_dir(env.results_dir, source)
-    last = src_dir / LAST
+    """Continue from the failed trials in ``chain``: state, history and best checkpoints.
+
+    The newest ``last.pt`` in the chain wins: a retry killed before it moved its
+    predecessor's state leaves that state where it was.
+    """
+    source = chain[-1]
+    for number in chain:
+        src_dir = trial_dir(env.results_dir, number)
+        if (src_dir / MANIFEST).exists():
+            files.adopt(TrialFiles(src_dir, trainer.monitor, trainer.mode, files.keep_top_k))
+        last = src_dir / LAST
+        if last.exists():
+            source = number
+            # Moved, not deleted: if this trial dies before its first epoch ends, the next
+            # retry still resumes from here.
+            os.replace(last, files.folder / LAST)
+    last = files.folder / LAST
     if last.exists():
-        state = torch.load(last, map_location=env.device, weights_only=True)
-        trainer.load_resume_state(state)
-        src_files = TrialFiles(src_dir, trainer.monitor, trainer.mode, files.keep_top_k)
-        files.adopt(src_files)
-        last.unlink()
+        trainer.load_resume_state(torch.load(last, map_location=env.device, weights_only=True))
     # Intermediate values continue without gaps: replay the epochs already trained.
     for rec in trainer.history:
         trial.report(rec[env.config.study.metric], int(rec["epoch"]))

@@ -70,7 +70,7 @@ def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict
         model = load_model(path, map_location="cpu")
     except CheckpointError as err:
         return Verdict(False, str(err))
-    if ckpt.get("trial") != meta.get("trial"):
+    if ckpt.get("trial") not in meta.get("lineage", [meta.get("trial")]):
         return Verdict(False, f"{path} holds trial {ckpt.get('trial')} but meta.json says "
                        f"trial {meta.get('trial')}")
     try:

@@ -13,6 +13,7 @@ state, queue their trials, and exit.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -220,8 +221,10 @@ def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerS
 
 def worker_main(spec: WorkerSpec) -> dict[str, Any]:
     """Body of one long-lived worker process. Returns a small summary."""
-    # The parent decides what a Ctrl-C means; a worker only stops at the parent's request.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
+    # stops at the parent's request (or is killed outright).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     cfg, paths = spec.config, RunPaths(Path(spec.results_dir))
     torch.set_num_threads(spec.slot.threads)
     device = torch.device(spec.slot.device)
@@ -428,6 +431,10 @@ class Supervisor:
 
     def _handle_death(self, st: _SlotState, err: BaseException, restart: bool) -> None:
         reason = str(err).strip().splitlines()[0][:300]
+        if not restart:
+            # A terminal's Ctrl-C reaches the whole process group: a worker still importing
+            # (before it ignores SIGINT) dies of it. That is part of the stop, not a crash.
+            reason = "stopped with the run"
         status = self._read_status(st.slot.index)
         number = status.get("trial") if status else None
         st.executor.shutdown(wait=False, kill_workers=True)
@@ -436,16 +443,20 @@ class Supervisor:
             study = optuna.load_study(study_name=self.config.study.name, storage=storage)
             t = study.get_trials(deepcopy=False)[number]
             if t.state == TrialState.RUNNING:
+                # A death during a stop is part of the stop: it uses up no retry.
                 queued = fail_trial(
-                    study, t, f"worker on {st.slot.device} died: {reason}",
-                    retry=True, max_retries=self.config.study.max_retries,
+                    study, t, f"worker on {st.slot.device} {'died' if restart else 'stopped'}: "
+                    f"{reason}",
+                    retry=True, count_retry=restart,
+                    max_retries=self.config.study.max_retries,
                 )
+                verb = "died" if restart else "stopped"
                 self.on_event(
-                    f"worker on slot {st.slot.index} ({st.slot.device}) died during trial "
+                    f"worker on slot {st.slot.index} ({st.slot.device}) {verb} during trial "
                     f"{number}; " + (f"trial {queued} resumes it" if queued is not None
                                      else "no retries left: left FAIL")
                 )
-        else:
+        elif restart:
             self.on_event(f"worker on slot {st.slot.index} ({st.slot.device}) died: {reason}")
         st.deaths += 1
         if restart and st.deaths <= self.max_deaths_per_slot:
@@ -466,6 +477,27 @@ class Supervisor:
     def statuses(self) -> list[dict[str, Any]]:
         return [self._read_status(st.slot.index) or {"slot": st.slot.index,
                 "device": st.slot.device, "state": "starting"} for st in self.states]
+
+    def kill_silent(self, grace: float) -> list[int]:
+        """SIGKILL workers whose running trial's heartbeat is older than ``grace`` (hung or
+        stopped processes); the death path then resumes their trials. Returns their pids."""
+        killed = []
+        for st in self.states:
+            status = self._read_status(st.slot.index)
+            if st.finished or not status or status.get("trial") is None:
+                continue
+            beat = heartbeat_path(self.results_dir, int(status["trial"]))
+            try:
+                age = time.time() - beat.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > grace and status.get("pid") in self.worker_pids():
+                self.on_event(f"worker {status['pid']} on slot {st.slot.index} sent no heartbeat "
+                              f"for {age:.0f} s (hung?); killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(status["pid"]), signal.SIGKILL)
+                killed.append(int(status["pid"]))
+        return killed
 
     def request_stop(self) -> None:
         self.paths.control.mkdir(parents=True, exist_ok=True)
