@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -34,6 +34,12 @@ from joblib.externals.loky.process_executor import BrokenProcessPool
 from optuna.trial import TrialState
 
 from hpsearch import data as data_mod
+from hpsearch.artifacts import (
+    open_artifact_store,
+    publish_study_best,
+    publish_trial_checkpoint,
+    retire_trial_checkpoint,
+)
 from hpsearch.checkpoint import atomic_write_json, file_lock
 from hpsearch.config import ResourcesSection, StudyConfig
 from hpsearch.keeper import apply_retention, discard_resume_state, offer_best
@@ -51,6 +57,9 @@ from hpsearch.storage import (
 )
 from hpsearch.strategy import build_pruner, build_sampler
 from hpsearch.train import Interrupted, NonFiniteError, TrialEnv, run_trial, trial_dir
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -246,8 +255,6 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
         else bool(cfg.data.in_memory) and dataset.splits is not None
     )
     worker_name = f"{HOST}:{os.getpid()}"
-    from hpsearch.artifacts import open_artifact_store, publish_trial_checkpoint
-
     store = open_artifact_store(cfg, paths.results_dir)
     stop = _StopCheck(paths, spec.deadline)
     status_path = paths.status_file(spec.slot.index)
@@ -301,10 +308,8 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
-             log: Callable[[str], None], store: Any = None) -> None:
+             log: Callable[[str], None], store: ArtifactStore | None = None) -> None:
     """Run one claimed trial and record how it ended; only Interrupted escapes."""
-    from hpsearch.artifacts import publish_study_best, retire_trial_checkpoint
-
     cfg, results_dir = env.config, env.results_dir
     trial.set_user_attr("worker", env.worker)
     trial.set_user_attr("device", str(env.device))
