@@ -61,7 +61,8 @@ def test_report_without_complete_trials_renders(tmp_path: Path) -> None:
     add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2, 0.25])
     add_trial(study, "cnn", TrialState.FAIL)
     page, figure_ids = _write(study, tmp_path)
-    assert figure_ids == {"fig-intermediate", "fig-timeline"}
+    # The pruned trial still has a learning curve (mlp is described by its best pruned trial).
+    assert figure_ids == {"fig-intermediate", "fig-timeline", "fig-learning-curves"}
     dom, errors = dump_dom(file_url(page), budget_ms=5_000)
     _assert_rendered(dom, errors, figure_ids)
     assert "No winner yet" in dom and METRIC in dom

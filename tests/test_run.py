@@ -83,11 +83,18 @@ def test_only_top_k_trials_keep_checkpoints(finished) -> None:
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
     )
     study = optuna.load_study(study_name="tiny", storage=storage)
-    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = sorted(complete, key=lambda t: -t.value)
     protected = {t.number for t in ranked[:2]}
     for arch in {t.params["architecture"] for t in complete}:
         protected.add(next(t.number for t in ranked if t.params["architecture"] == arch))
+    # An architecture that never completed keeps its best pruned trial, for the report.
+    pruned = sorted((t for t in trials if t.state == TrialState.PRUNED),
+                    key=lambda t: -t.user_attrs["best_value"])
+    for arch in {t.params["architecture"] for t in pruned} - {
+            t.params["architecture"] for t in complete}:
+        protected.add(next(t.number for t in pruned if t.params["architecture"] == arch))
     holders = {int(p.parent.name) for p in (tmp_path / "res/tiny/trials").glob("*/*.pt")}
     assert holders == protected
     for p in (tmp_path / "res/tiny/trials").glob("*/*.pt"):
