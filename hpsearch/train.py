@@ -441,7 +441,7 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
         writer.flush()
     finally:
         writer.close()
-        _record(trial, trainer, env)
+        _record(trial, trainer, files, env)
 
     if trainer.tracker.best_epoch is None:
         raise NonFiniteError("no epoch produced a finite monitored value")
@@ -449,11 +449,8 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
     if save != "last" and best_state is not None:
         trainer.model.load_state_dict(best_state)
     kept = files.best()
-    if kept is not None:
-        trial.set_user_attr("checkpoint", str((folder / kept[0]).relative_to(env.results_dir)))
-        trial.set_user_attr("checkpoint_sha256", kept[1].sha256)
-        if env.on_checkpoint_kept is not None:
-            env.on_checkpoint_kept(trial, folder / kept[0])
+    if kept is not None and env.on_checkpoint_kept is not None:
+        env.on_checkpoint_kept(trial, folder / kept[0])
     (folder / LAST).unlink(missing_ok=True)
     if save == "last":
         return float(trainer.history[-1][metric])
@@ -479,8 +476,14 @@ def _run_all(jobs: list[Callable[[], None]]) -> None:
         job()
 
 
-def _record(trial: optuna.Trial, trainer: Trainer, env: TrialEnv) -> None:
+def _record(trial: optuna.Trial, trainer: Trainer, files: TrialFiles, env: TrialEnv) -> None:
+    """User attrs of however the trial ended (pruned trials too: the report may use them)."""
     best_epoch = trainer.tracker.best_epoch
+    kept = files.best()
+    if kept is not None:
+        path = files.folder / kept[0]
+        trial.set_user_attr("checkpoint", str(path.relative_to(env.results_dir)))
+        trial.set_user_attr("checkpoint_sha256", kept[1].sha256)
     attrs = {
         "best_epoch": best_epoch,
         "best_value": trainer.tracker.best,
