@@ -39,6 +39,7 @@ from hpsearch.artifacts import (
 from hpsearch.config import ConfigError
 from hpsearch.storage import (
     CONFIG_COPY,
+    FlockJournalLock,
     default_storage_path,
     is_rdb,
     locate,
@@ -92,7 +93,9 @@ def resolve(target: str, results_root: str) -> Target:
         if not journal.is_file():
             raise UsageError(f"{path} is not a study's results folder: it has neither "
                              f"{CONFIG_COPY} nor {journal.name}")
-        storage = JournalStorage(JournalFileBackend(str(journal)))
+        storage = JournalStorage(
+            JournalFileBackend(str(journal), lock_obj=FlockJournalLock(str(journal)))
+        )
         return Target(storage, LinkingArtifactStore(path / "artifacts"), path.name, str(journal))
     if path.is_file() and path.suffix not in (".yaml", ".yml"):
         raise UsageError(f"{path} is neither a study file (.yaml) nor a results folder")

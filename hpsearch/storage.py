@@ -11,9 +11,11 @@ trials, whose worker is gone, from their heartbeat files.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ import optuna
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
+from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.checkpoint import atomic_write_bytes, atomic_write_json
@@ -96,7 +99,34 @@ def _open_storage(url: str, config: StudyConfig) -> optuna.storages.BaseStorage:
         )
     path = Path(url.removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockJournalLock(str(path))))
+
+
+class FlockJournalLock(BaseJournalFileLock):
+    """The journal's write lock as an ``fcntl.flock``: the kernel releases it when its holder
+    dies, so a process SIGKILLed mid-write cannot stall every other one (Optuna's default
+    symlink lock file outlives its holder)."""
+
+    def __init__(self, journal_path: str) -> None:
+        self._path = journal_path + ".flock"
+        self._fd: int | None = None
+        self._threads = threading.Lock()  # flock alone does not exclude this process's threads
+
+    def acquire(self) -> bool:
+        self._threads.acquire()
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        finally:
+            self._threads.release()
 
 
 # ---------------------------------------------------------------- the budget
