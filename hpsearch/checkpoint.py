@@ -277,6 +277,16 @@ class TrialFiles:
             other._write_manifest()
             self._write_manifest()
 
+    def forget_after(self, epoch: int) -> None:
+        """Delete checkpoints of epochs after ``epoch``: a resumed trial trains them again
+        from an older ``last.pt``, and no file may describe an epoch its history lacks."""
+        with self._lock:
+            later = [n for n, e in self.entries.items() if e.epoch > epoch]
+            for name in later:
+                self._remove(name)
+            if later:
+                self._write_manifest()
+
     def delete_all(self) -> None:
         """Delete every checkpoint (the trial fell out of the study's top-k)."""
         with self._lock:

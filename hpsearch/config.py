@@ -301,6 +301,9 @@ class CheckpointSection(_Strict):
     filename: str = "epoch{epoch:03d}-{monitor}{value:.4f}.pt"
     resume_every_n_epochs: int = Field(1, ge=1)
     """How often the resume state (last.pt) is written."""
+    resume_min_seconds: float = Field(10.0, ge=0)
+    """...and at most once per this many seconds of the trial (0: at every due epoch). A crash
+    retrains at most this much; a stop request always writes it."""
 
     @field_validator("filename")
     @classmethod
@@ -324,6 +327,10 @@ class ResourcesSection(_Strict):
     """auto: one per device slot on GPU; one per core on CPU."""
     torch_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     """auto: the cores split evenly between the workers."""
+    start_method: Literal["auto", "fork", "spawn"] = "auto"
+    """How worker processes start. fork: in milliseconds, sharing the parent's imports and
+    data; only for CPU workers of one torch thread (OpenMP and CUDA are not fork-safe).
+    spawn: a fresh interpreter each. auto: fork where allowed, else spawn."""
 
     @field_validator("devices")
     @classmethod

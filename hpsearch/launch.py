@@ -27,7 +27,7 @@ from hpsearch.keeper import reconcile_best
 from hpsearch.progress import Printer, snapshot, summary
 from hpsearch.storage import open_storage, recover_stale, save_config_copy, storage_url
 from hpsearch.strategy import build_pruner, build_sampler
-from hpsearch.workers import RunPaths, Slot, Supervisor, plan_slots
+from hpsearch.workers import RunPaths, Slot, Supervisor, plan_slots, start_method
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -99,6 +99,11 @@ def run_study(
         ConfigError: The study is inconsistent with its data, or with a stored study.
     """
     check_strategy(config, source)
+    slots = plan_slots(config.resources)
+    try:
+        start_method(config.resources, slots)
+    except ValueError as err:
+        raise ConfigError(source, "resources.start_method", str(err)) from None
     results_dir = Path(results_root) / config.study.name
     paths = RunPaths(results_dir)
     cache = data_mod.cache_path(config.data, paths.data_cache)
@@ -159,10 +164,10 @@ def run_study(
               + (f"trial {queued} resumes it" if queued is not None else "no retries left"))
     reconcile_best(study, results_dir, config)
 
-    slots = plan_slots(config.resources)
     deadline = time.time() + config.study.timeout if config.study.timeout else None
-    sup = Supervisor(config, results_dir, url, slots, deadline=deadline, on_event=event)
-    event(f"{len(slots)} worker(s): "
+    sup = Supervisor(config, results_dir, url, slots, deadline=deadline, on_event=event,
+                     dataset=dataset)
+    event(f"{len(slots)} worker(s), {sup.start_method}ed: "
           + ", ".join(f"{s.device} ({s.threads} thread{'s' * (s.threads > 1)})" for s in slots))
 
     received: list[int] = []
@@ -199,7 +204,7 @@ def run_study(
                 for failed, queued in recover_stale(study, results_dir, config,
                                                     live_pids=sup.worker_pids()):
                     event(f"trial {failed} went stale; trial {queued} resumes it")
-            time.sleep(0.5)
+            sup.wait(0.5)
     finally:
         sup.shutdown()
         for sig, handler in previous.items():

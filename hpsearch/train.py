@@ -383,6 +383,9 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
     }
     writer = BackgroundWriter()
     best_state: dict[str, torch.Tensor] | None = None
+    # Short epochs would spend more on last.pt than on training: it is written at most every
+    # resume_min_seconds, so a crash retrains at most that much.
+    last_resume_write = time.monotonic()
     try:
         for epoch in range(trainer.start_epoch, cfg.train.max_epochs):
             record = trainer.run_epoch(epoch)
@@ -407,7 +410,11 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
             improved = trainer.tracker.update(value, epoch)
             meta = {**base, "epoch": epoch, "value": value, "metrics": record}
             due = _files_due(cfg, epoch, value, number, improved)
-            resume_due = (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0
+            stopping = env.should_stop()
+            resume_due = stopping or (
+                (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0
+                and time.monotonic() - last_resume_write >= cfg.checkpoint.resume_min_seconds
+            )
             # One CPU copy of the weights per epoch serves every file written for it.
             weights = None
             if improved or due or resume_due:
@@ -424,6 +431,7 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
                         if k != "model_state_dict"}
                 state = {**base, **snapshot(rest), "model_state_dict": weights}
                 jobs.append(partial(atomic_torch_save, state, folder / LAST))
+                last_resume_write = time.monotonic()
             if jobs:
                 # Written off the training thread; the next submit waits for this one.
                 writer.submit(partial(_run_all, jobs))
@@ -435,7 +443,7 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
                 env.log(f"early stopping at epoch {epoch}: no improvement in "
                         f"{trainer.tracker.bad_epochs} epochs")
                 break
-            if env.should_stop():
+            if stopping:
                 writer.flush()
                 raise Interrupted()
         writer.flush()
@@ -518,6 +526,8 @@ def _resume(
     last = files.folder / LAST
     if last.exists():
         trainer.load_resume_state(torch.load(last, map_location=env.device, weights_only=True))
+    # last.pt is written at most every resume_min_seconds: best files may be newer than it.
+    files.forget_after(trainer.start_epoch - 1)
     # Intermediate values continue without gaps: replay the epochs already trained.
     for rec in trainer.history:
         trial.report(rec[env.config.study.metric], int(rec["epoch"]))

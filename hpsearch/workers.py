@@ -1,9 +1,11 @@
 """Device slots, long-lived worker processes, and the parent that supervises them.
 
-One worker process per device slot, started through joblib's process executor (loky), each
-pinned explicitly to its device (loky reuses processes, so per-task CUDA_VISIBLE_DEVICES would
-leak between tasks). A worker loads the study with its own sampler and pruner, loads the
-dataset once, and claims trials until the study's budget is used.
+One long-lived worker process per device slot, each pinned explicitly to its device (a
+process-wide CUDA_VISIBLE_DEVICES would leak into everything the process runs). CPU workers of
+one torch thread are forked from the parent: they start in milliseconds and share its imports
+and its in-memory dataset. Others (GPU slots, several threads) start as fresh interpreters
+through loky, because CUDA and OpenMP state do not survive a fork. A worker loads the study
+with its own sampler and pruner and claims trials until the study's budget is used.
 
 The parent watches them: a worker that dies (SIGKILL, segfault, OOM-kill) is noticed within a
 second, its trial is failed and queued to resume from its ``last.pt``, and a replacement worker
@@ -16,21 +18,22 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
-from joblib.externals.loky import ProcessPoolExecutor
-from joblib.externals.loky.process_executor import BrokenProcessPool
+from joblib.externals.loky.backend.context import get_context as loky_context
 from optuna.trial import TrialState
 
 from hpsearch import data as data_mod
@@ -59,7 +62,12 @@ from hpsearch.strategy import build_pruner, build_sampler
 from hpsearch.train import Interrupted, NonFiniteError, TrialEnv, run_trial, trial_dir
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
     from optuna.artifacts._protocol import ArtifactStore
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,26 @@ def plan_slots(res: ResourcesSection, cores: int | None = None) -> list[Slot]:
         max(1, cores // len(slot_devices)) if res.torch_threads == "auto" else res.torch_threads
     )
     return [Slot(i, d, threads) for i, d in enumerate(slot_devices)]
+
+
+def fork_safe(slots: list[Slot]) -> bool:
+    """Whether forked workers are safe: CPU only, one torch thread each.
+
+    A child forked after the parent ran CUDA cannot use CUDA, and one forked after the parent
+    ran multi-threaded OpenMP hangs in its first parallel region; one thread never enters one.
+    """
+    return ("fork" in mp.get_all_start_methods()
+            and all(s.device == "cpu" and s.threads == 1 for s in slots))
+
+
+def start_method(res: ResourcesSection, slots: list[Slot]) -> str:
+    """``fork`` or ``spawn``; raises ValueError when ``fork`` is asked for but unsafe."""
+    if res.start_method == "fork" and not fork_safe(slots):
+        raise ValueError("fork needs CPU workers of one torch thread each (CUDA and OpenMP "
+                         "state do not survive a fork); use spawn or auto")
+    if res.start_method == "auto":
+        return "fork" if fork_safe(slots) else "spawn"
+    return res.start_method
 
 
 @dataclass(frozen=True)
@@ -228,12 +256,31 @@ def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerS
             return study.ask()
 
 
-def worker_main(spec: WorkerSpec) -> dict[str, Any]:
-    """Body of one long-lived worker process. Returns a small summary."""
-    # The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
-    # stops at the parent's request (or is killed outright).
-    for sig in (signal.SIGINT, signal.SIGTERM):
+def worker_process(spec: WorkerSpec, outcome: Connection,
+                   dataset: data_mod.Dataset | None = None) -> None:
+    """Entry point of a worker process: run, then send the parent how it ended.
+
+    The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
+    stops at the parent's request (or is killed outright). It starts with both ignored (and,
+    when forked, blocked), see ``_stop_signals_held``.
+    """
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    try:
+        result: tuple[Any, ...] = ("done", worker_main(spec, dataset))
+    except BaseException as err:  # reported to the parent, which records it for the slot
+        result = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
+    with contextlib.suppress(OSError):
+        outcome.send(result)
+        outcome.close()
+
+
+def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> dict[str, Any]:
+    """Body of one long-lived worker process. Returns a small summary.
+
+    ``dataset``: the parent's copy (forked workers share it); otherwise loaded from the cache.
+    """
     cfg, paths = spec.config, RunPaths(Path(spec.results_dir))
     torch.set_num_threads(spec.slot.threads)
     device = torch.device(spec.slot.device)
@@ -249,7 +296,8 @@ def worker_main(spec: WorkerSpec) -> dict[str, Any]:
                               + 100_000 * spec.generation + 1),
         pruner=build_pruner(cfg.study.pruner),
     )
-    dataset = data_mod.load(cfg.data, paths.data_cache)
+    if dataset is None:
+        dataset = data_mod.load(cfg.data, paths.data_cache)
     in_memory = (
         data_mod.fits_in_memory(dataset, device) if cfg.data.in_memory == "auto"
         else bool(cfg.data.in_memory) and dataset.splits is not None
@@ -358,12 +406,47 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
 @dataclass
 class _SlotState:
     slot: Slot
-    executor: ProcessPoolExecutor | None = None
-    future: Any = None
+    process: BaseProcess | None = None
+    outcome: Connection | None = None
     generation: int = 0
     deaths: int = 0
     finished: bool = False
     error: str | None = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Start a worker that ignores Ctrl-C and SIGTERM from its first instruction.
+
+    The terminal sends Ctrl-C to the whole process group, and a worker still importing torch
+    would die of it with a traceback. An ignored disposition survives fork and exec (and a
+    Python started with SIGINT ignored installs no KeyboardInterrupt handler). The parent
+    blocks them meanwhile: Linux keeps a blocked signal pending even while it is ignored, so
+    one that arrives during the start reaches the parent's handler afterwards.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    handlers = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    if code:
+        return f"exited with status {code}"
+    return "exited without reporting how its work ended"
 
 
 @dataclass
@@ -378,11 +461,14 @@ class Supervisor:
     on_event: Callable[[str], None] = print
     max_deaths_per_slot: int = 5
     run_started: float = field(default_factory=time.time)
+    dataset: data_mod.Dataset | None = None
+    """The parent's loaded dataset: forked workers share it instead of reading the cache."""
     states: list[_SlotState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.paths = RunPaths(self.results_dir)
         self.states = [_SlotState(s) for s in self.slots]
+        self.start_method = start_method(self.config.resources, self.slots)
 
     def _spec(self, st: _SlotState) -> WorkerSpec:
         return WorkerSpec(
@@ -402,15 +488,42 @@ class Supervisor:
 
     def _launch(self, st: _SlotState) -> None:
         self.paths.status_file(st.slot.index).unlink(missing_ok=True)
-        st.executor = ProcessPoolExecutor(max_workers=1)
-        st.future = st.executor.submit(worker_main, self._spec(st))
+        forked = self.start_method == "fork"
+        # loky's spawn does not re-run the caller's __main__ (a script without a main guard).
+        ctx = mp.get_context("fork") if forked else loky_context("loky")
+        receiver, sender = ctx.Pipe(duplex=False)
+        shared = self.dataset if forked and self.dataset is not None and \
+            self.dataset.splits is not None else None
+        proc = ctx.Process(target=worker_process, args=(self._spec(st), sender, shared),
+                           name=f"hpsearch-worker-{st.slot.index}")
+        # A forked child would print the parent's unflushed output a second time.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with _stop_signals_held():
+            proc.start()
+        sender.close()
+        st.process, st.outcome = proc, receiver
 
     def worker_pids(self) -> set[int]:
-        pids = set()
-        for st in self.states:
-            if st.executor is not None:
-                pids.update(p.pid for p in (st.executor._processes or {}).values())
-        return pids
+        return {st.process.pid for st in self.states if st.alive() and st.process.pid}
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a worker exits or ``timeout`` passes."""
+        sentinels = [st.process.sentinel for st in self.states
+                     if not st.finished and st.process is not None]
+        if sentinels:
+            mp.connection.wait(sentinels, timeout)
+        else:
+            time.sleep(timeout)
+
+    def _result(self, st: _SlotState) -> tuple[Any, ...] | None:
+        assert st.outcome is not None
+        try:
+            return st.outcome.recv() if st.outcome.poll() else None
+        except (EOFError, OSError):
+            return None
+        finally:
+            st.outcome.close()
 
     def poll(self, stopping: bool = False) -> bool:
         """Check every slot once; replace dead workers. Returns True while any is running."""
@@ -418,31 +531,29 @@ class Supervisor:
         for st in self.states:
             if st.finished:
                 continue
-            if not st.future.done():
+            if st.alive():
                 running = True
                 continue
-            err = st.future.exception()
-            if err is None:
+            assert st.process is not None
+            result = self._result(st)
+            st.process.join()
+            if result is not None and result[0] == "done":
                 st.finished = True
-                st.executor.shutdown(wait=False)
-            elif isinstance(err, BrokenProcessPool):
-                self._handle_death(st, err, restart=not stopping)
-                running = running or not st.finished
-            else:
-                st.finished, st.error = True, f"{type(err).__name__}: {err}"
+            elif result is not None:
+                st.finished, st.error = True, result[1]
                 self.on_event(f"worker on slot {st.slot.index} stopped with an error: {st.error}")
-                st.executor.shutdown(wait=False)
+            else:
+                self._handle_death(st, _exit_reason(st.process.exitcode), restart=not stopping)
+                running = running or not st.finished
         return running
 
-    def _handle_death(self, st: _SlotState, err: BaseException, restart: bool) -> None:
-        reason = str(err).strip().splitlines()[0][:300]
+    def _handle_death(self, st: _SlotState, reason: str, restart: bool) -> None:
         if not restart:
-            # A terminal's Ctrl-C reaches the whole process group: a worker still importing
-            # (before it ignores SIGINT) dies of it. That is part of the stop, not a crash.
+            # A worker killed during a stop (a second Ctrl-C, the stop timeout) is part of
+            # the stop, not a crash.
             reason = "stopped with the run"
         status = self._read_status(st.slot.index)
         number = status.get("trial") if status else None
-        st.executor.shutdown(wait=False, kill_workers=True)
         if number is not None:
             storage = open_storage(self.storage, self.config)
             study = optuna.load_study(study_name=self.config.study.name, storage=storage)
@@ -510,30 +621,23 @@ class Supervisor:
 
     def kill_all(self) -> None:
         for pid in self.worker_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for st in self.states:
-            if st.executor is not None:
-                st.executor.shutdown(wait=False, kill_workers=True)
 
     def wait_stopped(self, timeout: float) -> bool:
         """After a stop request: wait for workers to save and exit; kill them at the timeout."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not self.poll(stopping=True):
-                break
-            time.sleep(0.1)
-        else:
-            self.kill_all()
-            return False
-        for st in self.states:
-            if st.executor is not None:
-                st.executor.shutdown(wait=True, kill_workers=True)
+        while self.poll(stopping=True):
+            if time.monotonic() >= end:
+                self.kill_all()
+                self.shutdown()
+                return False
+            self.wait(min(0.1, max(0.0, end - time.monotonic())))
         return True
 
     def shutdown(self) -> None:
+        """Kill what still runs and reap every worker."""
+        self.kill_all()
         for st in self.states:
-            if st.executor is not None:
-                st.executor.shutdown(wait=True, kill_workers=True)
+            if st.process is not None:
+                st.process.join(timeout=10)

@@ -91,6 +91,18 @@ def test_trial_files_rotation_and_manifest(tmp_path) -> None:
     assert files.best()[0] == "e3.pt"
 
 
+def test_forget_after_drops_later_epochs_on_disk_and_in_the_manifest(tmp_path) -> None:
+    files = TrialFiles(tmp_path, "val_loss", "min", keep_top_k=3)
+    for epoch, value in enumerate([0.9, 0.5, 0.3]):
+        files.save(f"e{epoch}.pt", {"model_state_dict": {}, "v": value}, "best", epoch, value)
+    files.forget_after(0)
+    assert sorted(p.name for p in tmp_path.glob("e*.pt")) == ["e0.pt"]
+    reread = TrialFiles(tmp_path, "val_loss", "min", keep_top_k=3)
+    assert sorted(reread.entries) == ["e0.pt"] and reread.best()[0] == "e0.pt"
+    files.forget_after(-1)
+    assert not list(tmp_path.glob("e*.pt")) and files.best() is None
+
+
 def test_load_checkpoint_detects_corruption(tmp_path) -> None:
     files = TrialFiles(tmp_path, "val_loss", "min", keep_top_k=1)
     files.save("c.pt", {"model_state_dict": {"w": torch.ones(3)}}, "best", 0, 0.5)

@@ -76,7 +76,8 @@ def study_dict(**sections: dict[str, Any]) -> dict[str, Any]:
             "lr_scheduler": None,
             "early_stopping": None,
         },
-        "checkpoint": {"keep_top_k_trials": 2},
+        # last.pt after every epoch, so a kill between two epochs loses none of them.
+        "checkpoint": {"keep_top_k_trials": 2, "resume_min_seconds": 0},
         "resources": {"devices": "cpu", "workers": 2, "torch_threads": 1},
         "report": {"enabled": False},
     }
@@ -347,8 +348,13 @@ def worker_pids(results: Path) -> set[int]:
 # ---------------------------------------------------------------- 1. a worker is SIGKILLed
 
 
-def test_sigkill_worker_mid_trial_resumes_from_last_epoch(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path, study_dict())
+@pytest.mark.parametrize("min_seconds", [0, 3600])
+def test_sigkill_worker_mid_trial_resumes_from_last_epoch(tmp_path: Path,
+                                                          min_seconds: int) -> None:
+    """With ``resume_min_seconds: 3600`` no last.pt exists yet: the retry starts over, and
+    the best files of the killed epochs give way to the retrained ones."""
+    study_file = write_study(
+        tmp_path, study_dict(checkpoint={"resume_min_seconds": min_seconds}))
     run = Run(tmp_path, study_file)
     try:
         status = mid_training(run)
@@ -363,7 +369,12 @@ def test_sigkill_worker_mid_trial_resumes_from_last_epoch(tmp_path: Path) -> Non
     assert rc == 0, out
     assert f"died during trial {number}" in out, out
     trials = assert_study_sound(run.results, n_trials=N_TRIALS)
-    assert_resumed(trials, number, "died")
+    if min_seconds:
+        retry = retry_of(trials, number)
+        assert retry.state == TrialState.COMPLETE, retry
+        assert retry.user_attrs["resumed_from"] == {"trial": number, "epoch": 0}
+    else:
+        assert_resumed(trials, number, "died")
     assert not pid_alive(victim)
 
 
@@ -594,12 +605,15 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert elapsed < 2.5, f"the second Ctrl-C took {elapsed:.1f} s"
 
 
-def test_ctrl_c_while_workers_start(tmp_path: Path) -> None:
-    """Ctrl-C right after launch, while the workers are still importing torch."""
-    study_file = write_study(tmp_path, study_dict())
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_ctrl_c_while_workers_start(tmp_path: Path, method: str) -> None:
+    """Ctrl-C right after the workers start (spawned ones are still importing torch)."""
+    study_file = write_study(tmp_path, study_dict(resources={"start_method": method}))
     run = Run(tmp_path, study_file)
     try:
         def starting_worker() -> bool:
+            if method == "fork":
+                return bool(run.descendants())
             return any("popen_loky_posix" in " ".join(_cmdline(p)) for p in run.descendants())
 
         wait_for(starting_worker, 60.0, "a worker process to be started", run=run)
@@ -614,11 +628,11 @@ def test_ctrl_c_while_workers_start(tmp_path: Path) -> None:
     out = run.output()
     assert rc == 130, out
     assert elapsed < 10.0
-    # Ctrl-C is the user's request, not a crash: no "died", no "segmentation fault". (A worker
-    # still importing when the group's SIGINT lands may print Python's KeyboardInterrupt
-    # traceback on its way out; the run itself treats that as part of the stop.)
+    # Ctrl-C is the user's request, not a crash: no "died", no "segmentation fault", and no
+    # KeyboardInterrupt traceback from a worker that was still starting when it landed.
     assert "died" not in out, out
     assert "segmentation" not in out, out
+    assert "Traceback" not in out, out
 
     rerun = Run(tmp_path, study_file, label="rerun")
     try:

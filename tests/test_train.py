@@ -15,7 +15,7 @@ from hpsearch.checkpoint import load_checkpoint
 from hpsearch.config import parse_config
 from hpsearch.data import build
 from hpsearch.space import TrialParams
-from hpsearch.train import NonFiniteError, Tracker, TrialEnv, run_trial
+from hpsearch.train import Interrupted, NonFiniteError, Tracker, TrialEnv, run_trial
 
 
 @pytest.mark.parametrize(
@@ -143,3 +143,32 @@ def test_save_none_writes_no_checkpoint(tmp_path, dataset) -> None:
     run_trial(trial, _params(), _env(tmp_path, config, dataset))
     assert not list((tmp_path / "trials" / "0").glob("*.pt"))
     assert "checkpoint" not in trial.user_attrs
+
+
+@pytest.mark.parametrize("min_seconds", [0.0, 3600.0])
+def test_resume_state_is_throttled_but_always_written_on_stop(tmp_path, dataset,
+                                                               min_seconds: float) -> None:
+    raw = copy.deepcopy(TINY)
+    raw["train"].update(max_epochs=8, early_stopping=None)
+    raw["checkpoint"].update(resume_min_seconds=min_seconds)
+    config = parse_config(raw, "s.yaml")
+    last = tmp_path / "trials" / "0" / "last.pt"
+    seen: list[bool] = []
+
+    def on_epoch(trial: int, epoch: int, record: dict) -> None:
+        # Epoch e's write was submitted before this call and epoch e-1's has finished.
+        seen.append(last.exists())
+
+    env = _env(tmp_path, config, dataset)
+    env.on_epoch = on_epoch
+    env.should_stop = lambda: len(seen) >= 4  # a stop request after epoch 3
+    trial = optuna.create_study(direction="maximize").ask()
+    with pytest.raises(Interrupted):
+        run_trial(trial, _params(), env)
+    assert len(seen) == 5  # epochs 0-4; the request is seen at the end of epoch 4
+    if min_seconds:
+        assert seen[:4] == [False] * 4  # throttled: never during these short epochs
+    else:
+        assert seen[1:4] == [True] * 3
+    # The stop wrote the resume state of the last finished epoch either way.
+    assert torch.load(last, weights_only=True)["epoch"] == 4
