@@ -233,6 +233,14 @@ class DeviceBatches:
             yield xb.to(self.device, non_blocking=pin), yb.to(self.device, non_blocking=pin)
 
 
+def to_device(ds: Dataset, device: torch.device) -> Dataset:
+    """The in-memory splits moved to ``device`` once, for every trial a worker runs."""
+    if ds.splits is None:
+        return ds
+    splits = {k: (x.to(device), y.to(device)) for k, (x, y) in ds.splits.items()}
+    return Dataset(ds.task, ds.input_shape, ds.output_size, splits=splits, streams=ds.streams)
+
+
 def fits_in_memory(ds: Dataset, device: torch.device) -> bool:
     """Keep a dataset on the device when it uses under a quarter of the device's memory."""
     if ds.splits is None:

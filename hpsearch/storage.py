@@ -151,6 +151,43 @@ def counted(trials: Sequence[FrozenTrial]) -> int:
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
 
 
+class TrialIndex:
+    """What a worker knows of the study's trials, read once per trial instead of per claim.
+
+    Trial numbers only grow, a trial's ``retry_history`` is fixed when it is created, and a
+    finished trial never changes; so a long study's per-trial bookkeeping costs O(new trials),
+    not O(all trials). Feed it ``study.get_trials(deepcopy=False)`` (in number order).
+    """
+
+    def __init__(self) -> None:
+        self.retried: set[int] = set()
+        """Numbers of failed trials that a later trial retries."""
+        self.finished: dict[int, FrozenTrial] = {}
+        self.settled = 0
+        """Every trial numbered below this is finished (and in ``finished``)."""
+        self._scanned = 0
+
+    def update(self, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+        """Take in the current trials; returns those seen finished for the first time."""
+        for t in trials[self._scanned:]:
+            self.retried.update(int(n) for n in t.system_attrs.get("retry_history", ()))
+        self._scanned = len(trials)
+        new = []
+        for t in trials[self.settled:]:
+            if t.state in FINISHED and t.number not in self.finished:
+                self.finished[t.number] = t
+                new.append(t)
+        while self.settled < len(trials) and trials[self.settled].number in self.finished:
+            self.settled += 1
+        return new
+
+    def counted(self, trials: Sequence[FrozenTrial]) -> int:
+        """``counted(trials)`` for the trials last given to ``update``."""
+        replaced = sum(1 for n in self.retried
+                       if n in self.finished and self.finished[n].state == TrialState.FAIL)
+        return len(trials) - replaced
+
+
 def state_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     counts = {s.name: 0 for s in TrialState}
     retried = retried_numbers(trials)

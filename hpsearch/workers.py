@@ -45,17 +45,15 @@ from hpsearch.artifacts import (
 )
 from hpsearch.checkpoint import atomic_write_json, file_lock
 from hpsearch.config import ResourcesSection, StudyConfig
-from hpsearch.keeper import apply_retention, discard_resume_state, offer_best
+from hpsearch.keeper import Retention, discard_resume_state, offer_best
 from hpsearch.space import sample
 from hpsearch.storage import (
-    FINISHED,
     HOST,
-    counted,
+    TrialIndex,
     fail_trial,
     frozen,
     heartbeat_path,
     open_storage,
-    retried_numbers,
     write_heartbeat,
 )
 from hpsearch.strategy import build_pruner, build_sampler
@@ -223,8 +221,16 @@ class _StopCheck:
         return not (past or self() or self.paths.abort_file.exists())
 
 
+@dataclass
+class _Claims:
+    """A worker's view of the budget, kept up to date incrementally."""
+
+    index: TrialIndex
+    first_failures_checked: bool = False
+
+
 def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerSpec,
-           stop: _StopCheck) -> optuna.Trial | None:
+           stop: _StopCheck, claims: _Claims) -> optuna.Trial | None:
     """Ask for the next trial unless the budget is used, the run stops, or it is failing."""
     with file_lock(paths.control / "claim.lock"):
         if not stop.may_start():
@@ -232,28 +238,45 @@ def _claim(study: optuna.Study, cfg: StudyConfig, paths: RunPaths, spec: WorkerS
         if isinstance(study._storage, optuna.storages.RDBStorage):
             optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and counted(trials) >= cfg.study.n_trials:
+        index = claims.index
+        index.update(trials)
+        # Only unfinished trials can be WAITING, and those all come after index.settled.
+        waiting = any(t.state == TrialState.WAITING for t in trials[index.settled:])
+        if not waiting and index.counted(trials) >= cfg.study.n_trials:
             return None
-        retried = retried_numbers(trials)
-        this_run = [
-            t for t in trials
-            if t.state in FINISHED and t.number not in retried and t.datetime_start is not None
-            and t.datetime_start.timestamp() >= spec.run_started
-        ]
-        k = cfg.study.max_initial_failures
-        if len(this_run) >= k and all(t.state == TrialState.FAIL for t in this_run[:k]):
-            reasons = {str(t.user_attrs.get("fail_reason", "?"))[:200] for t in this_run[:k]}
-            atomic_write_json(
-                paths.abort_file,
-                {"message": f"the first {k} trials of this run all failed; stopping instead of "
-                 f"burning the budget. Reasons: {sorted(reasons)}"},
-            )
-            return None
+        if not claims.first_failures_checked:
+            settled, abort = _first_failures(cfg, paths, spec, index)
+            if abort:
+                return None
+            claims.first_failures_checked = settled
         with warnings.catch_warnings():
             # Optuna warns that RDB heartbeats are meant for optimize(); ours beat them by hand.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             return study.ask()
+
+
+def _first_failures(cfg: StudyConfig, paths: RunPaths, spec: WorkerSpec,
+                    index: TrialIndex) -> tuple[bool, bool]:
+    """(settled, abort): whether the first ``max_initial_failures`` trials of this run have
+    finished, and whether they all failed (then the abort file says why)."""
+    k = cfg.study.max_initial_failures
+    this_run = sorted(
+        (t for t in index.finished.values()
+         if t.number not in index.retried and t.datetime_start is not None
+         and t.datetime_start.timestamp() >= spec.run_started),
+        key=lambda t: t.number,
+    )[:k]
+    if len(this_run) < k:
+        return False, False
+    if not all(t.state == TrialState.FAIL for t in this_run):
+        return True, False
+    reasons = {str(t.user_attrs.get("fail_reason", "?"))[:200] for t in this_run}
+    atomic_write_json(
+        paths.abort_file,
+        {"message": f"the first {k} trials of this run all failed; stopping instead of "
+         f"burning the budget. Reasons: {sorted(reasons)}"},
+    )
+    return True, True
 
 
 def worker_process(spec: WorkerSpec, outcome: Connection,
@@ -302,6 +325,8 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
         data_mod.fits_in_memory(dataset, device) if cfg.data.in_memory == "auto"
         else bool(cfg.data.in_memory) and dataset.splits is not None
     )
+    if in_memory:
+        dataset = data_mod.to_device(dataset, device)
     worker_name = f"{HOST}:{os.getpid()}"
     store = open_artifact_store(cfg, paths.results_dir)
     stop = _StopCheck(paths, spec.deadline)
@@ -315,10 +340,12 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             durable=False,
         )
 
+    index = TrialIndex()
+    claims, retention = _Claims(index), Retention(cfg, index)
     done = 0
     status(state="idle", trial=None)
     while True:
-        trial = _claim(study, cfg, paths, spec, stop)
+        trial = _claim(study, cfg, paths, spec, stop, claims)
         if trial is None:
             break
         heartbeat.trial = trial
@@ -342,7 +369,7 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             ),
         )
         try:
-            _run_one(study, trial, env, log, store)
+            _run_one(study, trial, env, log, retention, store)
         except Interrupted:
             break
         finally:
@@ -356,7 +383,8 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
-             log: Callable[[str], None], store: ArtifactStore | None = None) -> None:
+             log: Callable[[str], None], retention: Retention,
+             store: ArtifactStore | None = None) -> None:
     """Run one claimed trial and record how it ended; only Interrupted escapes."""
     cfg, results_dir = env.config, env.results_dir
     trial.set_user_attr("worker", env.worker)
@@ -393,11 +421,10 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
             log("new study best")
             if store is not None:
                 publish_study_best(store, study, results_dir)
-    deleted = apply_retention(study, results_dir, cfg, trial.number)
-    if store is not None and deleted:
-        for t in study.get_trials(deepcopy=False):
-            if t.number in deleted:
-                retire_trial_checkpoint(store, study, t)
+    deleted = retention.apply(study, results_dir, trial.number)
+    if store is not None:
+        for number in deleted:
+            retire_trial_checkpoint(store, study, retention.index.finished[number])
 
 
 # ---------------------------------------------------------------- the supervising parent
