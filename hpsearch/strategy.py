@@ -6,6 +6,7 @@ from the config; otherwise a worker would silently run unseeded TPE and the medi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
@@ -35,6 +36,12 @@ _PRUNERS = {
 }
 
 
+# hpsearch's space is conditional (the architecture, then that architecture's parameters) and
+# several workers ask at once: TPE models each architecture's parameters jointly and keeps
+# workers from proposing the same point. Keys in the study file win.
+TPE_DEFAULTS = {"multivariate": True, "group": True, "constant_liar": True}
+
+
 def build_sampler(cfg: SamplerConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """Build the sampler; ``seed_offset`` keeps parallel workers from drawing the same points.
 
@@ -42,6 +49,14 @@ def build_sampler(cfg: SamplerConfig, seed_offset: int = 0) -> optuna.samplers.B
         TypeError/ValueError: The study file gave arguments the sampler does not take.
     """
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
+    if cfg.name == "tpe":
+        kwargs = {**TPE_DEFAULTS, **kwargs}
+        with warnings.catch_warnings():
+            # multivariate and group are marked experimental; they are the defaults here.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if cfg.seed is not None:
+                kwargs["seed"] = cfg.seed + seed_offset
+            return optuna.samplers.TPESampler(**kwargs)
     if cfg.seed is not None:
         kwargs["seed"] = cfg.seed + seed_offset
     return _SAMPLERS[cfg.name](**kwargs)

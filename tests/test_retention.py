@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import optuna
@@ -81,9 +82,9 @@ def test_retention_deletes_only_what_is_no_longer_kept(tmp_path: Path) -> None:
         folder = tmp_path / "trials" / str(number)
         folder.mkdir(parents=True)
         (folder / "epoch000.pt").write_bytes(b"x")
-        (folder / "manifest.json").write_text(
-            '{"files": {"epoch000.pt": {"kind": "best", "epoch": 0, "value": %s, '
-            '"sha256": ""}}, "monitor": "val_acc", "mode": "max"}' % value)
+        entry = {"kind": "best", "epoch": 0, "value": value, "sha256": ""}
+        (folder / "manifest.json").write_text(json.dumps(
+            {"files": {"epoch000.pt": entry}, "monitor": "val_acc", "mode": "max"}))
         (tmp_path / ".hpsearch").mkdir(exist_ok=True)
         deleted = retention.apply(study, tmp_path, number)
         assert deleted == {0: [], 1: [0], 2: [2]}[number]
