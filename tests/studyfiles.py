@@ -6,7 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 TINY: dict[str, Any] = {
     "study": {
@@ -42,9 +44,35 @@ TINY: dict[str, Any] = {
 }
 
 
-def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
-    """TINY with some sections' keys replaced (one level deep)."""
-    raw = copy.deepcopy(TINY)
+# A regression study on CPU, no pruning and no early stopping: every trial runs every epoch.
+REGRESSION: dict[str, Any] = {
+    "study": {
+        "name": "regression",
+        "metric": "val_loss",
+        "direction": "minimize",
+        "n_trials": 3,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "heartbeat_interval": 0.5,
+        "grace_period": 3,
+    },
+    "data": {"name": "synthetic_regression", "args": {"n_samples": 600}},
+    "model": {"architecture": {"mlp": {"hidden": {"type": "int", "low": 8, "high": 32}}}},
+    "train": {
+        "max_epochs": 3,
+        "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "batch_size": 32,
+        "early_stopping": None,
+    },
+    "checkpoint": {"keep_top_k_trials": 3},
+    "resources": {"devices": "cpu", "workers": 2, "torch_threads": 1},
+    "report": {"enabled": False},
+}
+
+
+def derive(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A copy of ``base`` with some sections' keys replaced (one level deep)."""
+    raw = copy.deepcopy(base)
     for name, values in sections.items():
         if isinstance(values, dict) and isinstance(raw.get(name), dict):
             raw[name].update(values)
@@ -53,7 +81,23 @@ def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def tiny(**sections: Any) -> dict[str, Any]:
+    """TINY with some sections' keys replaced (one level deep)."""
+    return derive(TINY, **sections)
+
+
+def regression(**sections: Any) -> dict[str, Any]:
+    """REGRESSION with some sections' keys replaced (one level deep)."""
+    return derive(REGRESSION, **sections)
+
+
 def write_study(folder: Path, raw: dict[str, Any], name: str = "study.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def open_results(results: Path, name: str | None = None) -> optuna.Study:
+    """The study a run left in ``results``, from its journal file (name: the folder's)."""
+    storage = JournalStorage(JournalFileBackend(str(results / "journal.log")))
+    return optuna.load_study(study_name=name or results.name, storage=storage)

@@ -24,9 +24,8 @@ from typing import Any
 import optuna
 import pytest
 import torch
-import yaml
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
+from studyfiles import open_results, regression, write_study
 
 import hpsearch
 from hpsearch.checkpoint import (
@@ -313,41 +312,13 @@ def test_hard_link_refused_falls_back_to_a_copy(
 # ---------------------------------------------------------------- a real finished study
 
 
-STUDY: dict[str, Any] = {
-    "study": {
-        "name": STUDY_NAME,
-        "metric": "val_loss",
-        "direction": "minimize",
-        "n_trials": 3,
-        "sampler": {"name": "random", "seed": 1},
-        "pruner": {"name": "none"},
-        "heartbeat_interval": 0.5,
-        "grace_period": 3,
-    },
-    "data": {"name": "synthetic_regression", "args": {"n_samples": 600}},
-    "model": {"architecture": {"mlp": {"hidden": {"type": "int", "low": 8, "high": 32}}}},
-    "train": {
-        "max_epochs": 3,
-        "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-        "batch_size": 32,
-        "early_stopping": None,
-    },
-    "checkpoint": {"keep_top_k_trials": 3},
-    "resources": {"devices": "cpu", "workers": 2, "torch_threads": 1},
-    "report": {"enabled": False},
-}
+STUDY = regression(study={"name": STUDY_NAME, "sampler": {"name": "random", "seed": 1}})
 
 
 def run_cli(cwd: Path, *args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
-
-
-def write_study(folder: Path, raw: dict[str, Any]) -> Path:
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -534,8 +505,7 @@ def test_write_failure_during_a_run_fails_that_trial_and_keeps_the_best(study_co
     assert proc.returncode == 0, out
     assert "Traceback" not in proc.stderr, out
 
-    storage = JournalStorage(JournalFileBackend(str(results / "journal.log")))
-    trials = optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials()
+    trials = open_results(results, STUDY_NAME).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL], out
     reason = trials[3].user_attrs["fail_reason"]
     assert str(blocked.relative_to(study_copy)) in reason, reason  # as the user named it

@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
-from studyfiles import tiny, write_study
+from studyfiles import open_results, tiny, write_study
 
 import hpsearch
 from hpsearch.config import ResourcesSection
@@ -36,10 +35,7 @@ def test_run_on_gpu_with_two_trials_per_device(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
-    )
-    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    trials = open_results(tmp_path / "res/tiny").get_trials()
     assert len(trials) == 6
     assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}
     assert len({t.user_attrs["worker"] for t in trials}) == 2

@@ -9,36 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from studyfiles import write_study
+from studyfiles import tiny, write_study
 
 from hpsearch.report import main
 
 pytestmark = pytest.mark.slow
 
-STUDY = {
-    "study": {
-        "name": "tiny",
-        "metric": "val_acc",
-        "direction": "maximize",
-        "n_trials": 6,
-        "sampler": {"name": "tpe", "seed": 0},
-        "pruner": {"name": "none"},
-    },
-    "data": {"name": "mnist1d", "args": {"num_samples": 500}},
-    "model": {
-        "architecture": {
-            "linear": {},
-            "mlp": {"hidden": {"type": "int", "low": 16, "high": 64, "log": True}},
-        }
-    },
-    "train": {
-        "max_epochs": 3,
-        "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-        "batch_size": 64,
-    },
-    "resources": {"workers": 2},
-    "report": {"enabled": False, "seeds": 2},
-}
+STUDY = tiny(
+    model={"architecture": {
+        "linear": {},
+        "mlp": {"hidden": {"type": "int", "low": 16, "high": 64, "log": True}},
+    }},
+    train={"max_epochs": 3},
+    checkpoint={"keep_top_k_trials": 5},
+    report={"seeds": 2},
+)
 FILES = ("report.html", "report.md", "architectures.csv", "trials.csv")
 
 

@@ -26,9 +26,8 @@ import optuna
 import psutil
 import pytest
 import torch
-import yaml
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from studyfiles import derive, open_results, regression, write_study
 
 import hpsearch
 from hpsearch.checkpoint import TMP_PREFIX
@@ -56,40 +55,15 @@ def study_dict(**sections: dict[str, Any]) -> dict[str, Any]:
     all ``MAX_EPOCHS`` (no pruning, no early stopping), so the intermediate values of a
     resumed trial must be exactly ``0 .. MAX_EPOCHS - 1``.
     """
-    raw: dict[str, Any] = {
-        "study": {
-            "name": STUDY_NAME,
-            "metric": "val_loss",
-            "direction": "minimize",
-            "n_trials": N_TRIALS,
-            "sampler": {"name": "random", "seed": 0},
-            "pruner": {"name": "none"},
-            "heartbeat_interval": 0.5,
-            "grace_period": 3,
-        },
-        "data": {"name": "synthetic_regression", "args": {"n_samples": 1000}},
-        "model": {"architecture": {"mlp": {"hidden": {"type": "int", "low": 48, "high": 96}}}},
-        "train": {
-            "max_epochs": MAX_EPOCHS,
-            "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-            "batch_size": 8,
-            "lr_scheduler": None,
-            "early_stopping": None,
-        },
+    raw = regression(
+        study={"name": STUDY_NAME, "n_trials": N_TRIALS},
+        data={"args": {"n_samples": 1000}},
+        model={"architecture": {"mlp": {"hidden": {"type": "int", "low": 48, "high": 96}}}},
+        train={"max_epochs": MAX_EPOCHS, "batch_size": 8, "lr_scheduler": None},
         # last.pt after every epoch, so a kill between two epochs loses none of them.
-        "checkpoint": {"keep_top_k_trials": 2, "resume_min_seconds": 0},
-        "resources": {"devices": "cpu", "workers": 2, "torch_threads": 1},
-        "report": {"enabled": False},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return raw
-
-
-def write_study(folder: Path, raw: dict[str, Any], name: str = "study.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+        checkpoint={"keep_top_k_trials": 2, "resume_min_seconds": 0},
+    )
+    return derive(raw, **sections)
 
 
 class Run:
@@ -224,8 +198,7 @@ def training_statuses(results: Path) -> list[dict[str, Any]]:
 
 
 def open_study(results: Path) -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(results / "journal.log")))
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    return open_results(results, STUDY_NAME)
 
 
 def retry_source(t: FrozenTrial) -> int | None:

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from studyfiles import tiny, write_study
+from studyfiles import open_results, tiny, write_study
 
 import hpsearch
 from hpsearch.checkpoint import read_best_meta
@@ -44,10 +43,7 @@ def finished(tmp_path_factory):
 
 def test_run_finishes_every_trial(finished) -> None:
     tmp_path, _, raw, out = finished
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
-    )
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = open_results(tmp_path / "res/tiny")
     trials = study.get_trials()
     assert len(trials) == 8
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
@@ -67,10 +63,7 @@ def test_run_finishes_every_trial(finished) -> None:
 
 def test_global_best_is_the_study_best(finished) -> None:
     tmp_path, _, _, _ = finished
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
-    )
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = open_results(tmp_path / "res/tiny")
     meta = read_best_meta(tmp_path / "res/tiny")
     assert meta["trial"] == study.best_trial.number
     assert meta["value"] == study.best_value
@@ -79,10 +72,7 @@ def test_global_best_is_the_study_best(finished) -> None:
 
 def test_only_top_k_trials_keep_checkpoints(finished) -> None:
     tmp_path, _, raw, _ = finished
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
-    )
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = open_results(tmp_path / "res/tiny")
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ranked = sorted(complete, key=lambda t: -t.value)
@@ -144,12 +134,9 @@ def test_rerun_continues_to_the_new_total(finished) -> None:
     tmp_path, study, _, _ = finished
     out = _run(tmp_path, study, "--n-trials", "10")
     assert out.returncode == 0, out.stderr
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "res/tiny/journal.log"))
-    )
-    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    trials = open_results(tmp_path / "res/tiny").get_trials()
     assert len(trials) == 10
     again = _run(tmp_path, study, "--n-trials", "10")
     assert again.returncode == 0
-    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    trials = open_results(tmp_path / "res/tiny").get_trials()
     assert len(trials) == 10  # already at the total: nothing new
