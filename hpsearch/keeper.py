@@ -82,9 +82,10 @@ class Retention:
     of trials pays per finished trial, not per trial in the study.
     """
 
-    def __init__(self, config: StudyConfig, index: TrialIndex | None = None) -> None:
+    def __init__(self, config: StudyConfig) -> None:
         self.config = config
-        self.index = index or TrialIndex()
+        # Its own index: ``update`` hands each newly finished trial to one reader only.
+        self.index = TrialIndex()
         self._sign = 1.0 if config.minimize else -1.0
         self._top: list[Row] = []
         self._best_complete: dict[str, Row] = {}

@@ -168,7 +168,8 @@ class TrialIndex:
         self._scanned = 0
 
     def update(self, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-        """Take in the current trials; returns those seen finished for the first time."""
+        """Take in the current trials; returns those this index sees finished for the first
+        time (so a reader that needs every finished trial must be its only caller)."""
         for t in trials[self._scanned:]:
             self.retried.update(int(n) for n in t.system_attrs.get("retry_history", ()))
         self._scanned = len(trials)

@@ -340,8 +340,7 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             durable=False,
         )
 
-    index = TrialIndex()
-    claims, retention = _Claims(index), Retention(cfg, index)
+    claims, retention = _Claims(TrialIndex()), Retention(cfg)
     done = 0
     status(state="idle", trial=None)
     while True:
@@ -532,7 +531,10 @@ class Supervisor:
         st.process, st.outcome = proc, receiver
 
     def worker_pids(self) -> set[int]:
-        return {st.process.pid for st in self.states if st.alive() and st.process.pid}
+        """Pids of workers whose end has not been handled yet, dead or alive: a trial of one
+        that just died is the death path's to fail (with its reason), not the stale path's."""
+        return {st.process.pid for st in self.states
+                if st.process is not None and st.process.pid and not st.finished}
 
     def wait(self, timeout: float) -> None:
         """Sleep until a worker exits or ``timeout`` passes."""
@@ -634,7 +636,8 @@ class Supervisor:
                 age = time.time() - beat.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if age > grace and status.get("pid") in self.worker_pids():
+            # Only a live process of ours: a reaped one's pid may belong to someone else now.
+            if age > grace and st.alive() and status.get("pid") == st.process.pid:
                 self.on_event(f"worker {status['pid']} on slot {st.slot.index} sent no heartbeat "
                               f"for {age:.0f} s (hung?); killing it")
                 with contextlib.suppress(ProcessLookupError):
@@ -647,9 +650,10 @@ class Supervisor:
         self.paths.stop_file.touch()
 
     def kill_all(self) -> None:
-        for pid in self.worker_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for st in self.states:
+            if st.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(st.process.pid, signal.SIGKILL)
 
     def wait_stopped(self, timeout: float) -> bool:
         """After a stop request: wait for workers to save and exit; kill them at the timeout."""

@@ -53,13 +53,14 @@ def test_incremental_view_matches_recomputing(events, k, minimize, every) -> Non
     config = parse_config(raw, "s.yaml")
     study = optuna.create_study(direction=raw["study"]["direction"])
     index = TrialIndex()
-    retention = Retention(config, index)
+    retention = Retention(config)
     for i, ev in enumerate(events):
         _add(study, *ev)
         if i % every:  # the view is brought up to date at irregular intervals
             continue
         trials = study.get_trials(deepcopy=False)
-        for t in index.update(trials):
+        index.update(trials)
+        for t in retention.index.update(trials):
             retention._take(t)
         assert index.retried == retried_numbers(trials)
         assert index.counted(trials) == counted(trials)
@@ -90,3 +91,33 @@ def test_retention_deletes_only_what_is_no_longer_kept(tmp_path: Path) -> None:
         assert deleted == {0: [], 1: [0], 2: [2]}[number]
     left = sorted(p.parent.name for p in tmp_path.glob("trials/*/epoch000.pt"))
     assert left == ["1"]
+
+
+def _checkpoint(results: Path, number: int, value: float) -> None:
+    folder = results / "trials" / str(number)
+    folder.mkdir(parents=True)
+    (folder / "epoch000.pt").write_bytes(b"x")
+    entry = {"kind": "best", "epoch": 0, "value": value, "sha256": ""}
+    (folder / "manifest.json").write_text(json.dumps(
+        {"files": {"epoch000.pt": entry}, "monitor": "val_acc", "mode": "max"}))
+
+
+def test_two_workers_keep_exactly_the_protected_trials(tmp_path: Path) -> None:
+    """Each worker reads the study for its claims between its own retention passes, as the
+    real loop does; trials the other worker finished meanwhile must still count."""
+    raw = copy.deepcopy(TINY)
+    raw["checkpoint"]["keep_top_k_trials"] = 2
+    config = parse_config(raw, "s.yaml")
+    study = optuna.create_study(direction="maximize")
+    (tmp_path / ".hpsearch").mkdir()
+    workers = [(TrialIndex(), Retention(config)) for _ in range(2)]
+    values = [0.2, 0.9, 0.5, 0.8, 0.3, 0.95, 0.1, 0.6]
+    for number, value in enumerate(values):
+        claims, retention = workers[number % 2]
+        claims.update(study.get_trials(deepcopy=False))  # the claim before the trial
+        _add(study, TrialState.COMPLETE, value, ARCHS[number % 2], False)
+        _checkpoint(tmp_path, number, value)
+        retention.apply(study, tmp_path, number)
+    holders = {int(p.parent.name) for p in tmp_path.glob("trials/*/epoch000.pt")}
+    complete = [(n, v, ARCHS[n % 2]) for n, v in enumerate(values)]
+    assert holders == select_kept(complete, 2, False) == {1, 2, 5}
