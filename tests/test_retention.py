@@ -72,6 +72,15 @@ def test_incremental_view_matches_recomputing(events, k, minimize, every) -> Non
         assert retention.kept() == select_kept(complete, k, minimize, pruned)
 
 
+def _checkpoint(results: Path, number: int, value: float) -> None:
+    folder = results / "trials" / str(number)
+    folder.mkdir(parents=True)
+    (folder / "epoch000.pt").write_bytes(b"x")
+    entry = {"kind": "best", "epoch": 0, "value": value, "sha256": ""}
+    (folder / "manifest.json").write_text(json.dumps(
+        {"files": {"epoch000.pt": entry}, "monitor": "val_acc", "mode": "max"}))
+
+
 def test_retention_deletes_only_what_is_no_longer_kept(tmp_path: Path) -> None:
     raw = copy.deepcopy(TINY)
     raw["checkpoint"]["keep_top_k_trials"] = 1
@@ -80,26 +89,12 @@ def test_retention_deletes_only_what_is_no_longer_kept(tmp_path: Path) -> None:
     retention = Retention(config)
     for number, value in enumerate([0.5, 0.7, 0.6]):
         _add(study, TrialState.COMPLETE, value, "mlp", False)
-        folder = tmp_path / "trials" / str(number)
-        folder.mkdir(parents=True)
-        (folder / "epoch000.pt").write_bytes(b"x")
-        entry = {"kind": "best", "epoch": 0, "value": value, "sha256": ""}
-        (folder / "manifest.json").write_text(json.dumps(
-            {"files": {"epoch000.pt": entry}, "monitor": "val_acc", "mode": "max"}))
+        _checkpoint(tmp_path, number, value)
         (tmp_path / ".hpsearch").mkdir(exist_ok=True)
         deleted = retention.apply(study, tmp_path, number)
         assert deleted == {0: [], 1: [0], 2: [2]}[number]
     left = sorted(p.parent.name for p in tmp_path.glob("trials/*/epoch000.pt"))
     assert left == ["1"]
-
-
-def _checkpoint(results: Path, number: int, value: float) -> None:
-    folder = results / "trials" / str(number)
-    folder.mkdir(parents=True)
-    (folder / "epoch000.pt").write_bytes(b"x")
-    entry = {"kind": "best", "epoch": 0, "value": value, "sha256": ""}
-    (folder / "manifest.json").write_text(json.dumps(
-        {"files": {"epoch000.pt": entry}, "monitor": "val_acc", "mode": "max"}))
 
 
 def test_two_workers_keep_exactly_the_protected_trials(tmp_path: Path) -> None:
