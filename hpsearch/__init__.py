@@ -1,15 +1,23 @@
-"""hpsearch: parallel Optuna studies for PyTorch with best-epoch checkpoints and reports."""
+"""hpsearch: parallel Optuna studies for PyTorch with best-epoch checkpoints and reports.
 
-__version__ = "0.1.0"
+The public API: run a study (``run_study``), load what it kept (``load_best_model``,
+``load_model``, ``load_checkpoint``), read a study file (``load_config``), and the errors.
+"""
 
-from hpsearch.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from hpsearch.config import ConfigError, StudyConfig, load_config  # noqa: E402
-from hpsearch.loading import load_best_model, load_model  # noqa: E402
+from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.loading import load_best_model, load_model
+from hpsearch.config import StudyConfig, load_config
+from hpsearch.errors import CheckpointError, ConfigError, HpsearchError, UsageError
+from hpsearch.run import RunResult, run_study
+from hpsearch.version import __version__
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "HpsearchError",
+    "RunResult",
     "StudyConfig",
+    "UsageError",
     "__version__",
     "load_best_model",
     "load_checkpoint",
@@ -17,10 +25,3 @@ __all__ = [
     "load_model",
     "run_study",
 ]
-
-
-def run_study(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Run a study; see :func:`hpsearch.launch.run_study`."""
-    from hpsearch.launch import run_study as _run
-
-    return _run(*args, **kwargs)

@@ -8,7 +8,6 @@ message names the file, the key path and the problem.
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,37 +22,17 @@ from pydantic import (
     model_validator,
 )
 
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid", "bruteforce", "nsgaii")
-PRUNERS = (
-    "median",
-    "percentile",
-    "successive_halving",
-    "hyperband",
-    "threshold",
-    "patient",
-    "wilcoxon",
-    "none",
-)
-DATASETS = ("mnist1d", "digits", "synthetic_regression")
-BUILTIN_TASK = {"mnist1d": "classification", "digits": "classification",
-                "synthetic_regression": "regression"}
-TASK_METRICS = {
-    "classification": ("train_loss", "val_loss", "val_acc"),
-    "regression": ("train_loss", "val_loss", "val_mse", "val_mae"),
-}
-ARCHITECTURES = ("linear", "mlp", "cnn1d", "gru", "resnet_small")
+from hpsearch import datasets, metrics, models, samplers
+from hpsearch.errors import ConfigError
+from hpsearch.user_code import check_reference
+
+SAMPLERS = tuple(samplers.SAMPLERS)
+PRUNERS = tuple(samplers.PRUNERS)
+DATASETS = datasets.DATASETS
+ARCHITECTURES = tuple(models.ARCHITECTURES)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # Train keys that may hold a search distribution instead of a literal.
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "optimizer", "momentum")
-
-
-class ConfigError(ValueError):
-    """A study file or argument is malformed. ``str(err)`` is the one-line user message."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key or '<top level>'}: {problem}")
 
 
 class _Strict(BaseModel):
@@ -190,7 +169,7 @@ class StudySection(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if not v.startswith(("val_", "train_")):
+        if not v.startswith(metrics.SPLIT_PREFIXES):
             raise ValueError(f"{v!r} is not a metric: use val_loss, val_acc or another val_* name")
         return v
 
@@ -213,7 +192,7 @@ class DataSection(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if ":" in v:
-            _check_factory(v)
+            check_reference(v)
         elif v not in DATASETS:
             raise ValueError(_unknown(v, DATASETS, "dataset"))
         return v
@@ -332,6 +311,13 @@ class ResourcesSection(_Strict):
     data; only for CPU workers of one torch thread (OpenMP and CUDA are not fork-safe).
     spawn: a fresh interpreter each. auto: fork where allowed, else spawn."""
 
+    @field_validator("workers", "torch_threads", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"{v!r} is not allowed: use a whole number ≥ 1, or auto")
+
     @field_validator("devices")
     @classmethod
     def _devices(cls, v: Any) -> Any:
@@ -410,7 +396,7 @@ class ModelSection(_Strict):
                 if not isinstance(factory, str):
                     raise _KeyError(f"architecture.{name}.factory", "must be a string")
                 try:
-                    _check_factory(factory)
+                    check_reference(factory)
                 except ValueError as err:
                     raise _KeyError(f"architecture.{name}.factory", str(err)) from None
             params = {}
@@ -475,13 +461,14 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults_and_enqueue(self) -> StudyConfig:
-        task = BUILTIN_TASK.get(self.data.name)
+        task = datasets.TASKS.get(self.data.name)
         if task is not None:
             for key, name in (("study.metric", self.study.metric),
                               ("checkpoint.monitor", self.checkpoint.monitor)):
-                if name is not None and name not in TASK_METRICS[task]:
+                available = metrics.monitorable(task)
+                if name is not None and name not in available:
                     raise _KeyError(key, f"{name!r} is not computed for {self.data.name} "
-                                    f"({task}); available: {', '.join(TASK_METRICS[task])}")
+                                    f"({task}); available: {', '.join(available)}")
         if self.model.init_from is not None:
             src = Path(self.model.init_from)
             if not (src.is_file() or (src / "best" / "model.pt").exists()):
@@ -556,24 +543,6 @@ def _parse_value(value: Any, key: str) -> Any:
     if isinstance(value, list):
         raise _KeyError(key, "use {type: categorical, choices: [...]} to search over a list")
     return value
-
-
-def _check_factory(path: str) -> None:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r} is not of the form 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # any import-time failure is the user's to see
-        raise ValueError(f"cannot import {module_name!r}: {err}") from None
-    if not callable(getattr(module, attr, None)):
-        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
-
-
-def resolve_factory(path: str) -> Any:
-    """Import ``"package.module:function"`` and return the callable."""
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
 
 
 def _unknown(value: str, valid: tuple[str, ...], what: str) -> str:

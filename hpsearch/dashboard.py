@@ -26,36 +26,24 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial
 
-from hpsearch.artifacts import (
-    OPTUNA_ARTIFACT_PREFIX,
-    TRIAL_ATTR,
+from hpsearch import attrs
+from hpsearch.checkpoint.artifacts import (
     LinkingArtifactStore,
     open_artifact_store,
     retired_artifacts,
 )
-from hpsearch.config import ConfigError
-from hpsearch.storage import (
-    CONFIG_COPY,
-    FlockJournalLock,
-    default_storage_path,
-    is_rdb,
-    locate,
-    open_storage,
-    storage_url,
-)
+from hpsearch.errors import UsageError, run_cli
+from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, summary_id
+from hpsearch.results import ResultsLayout, locate
+from hpsearch.storage.backends import open_existing, open_journal
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 RETIRED_NOTE = "deleted: the trial fell out of the kept top-k"
 # User attributes in the order a reader looks for them; the rest follow as stored.
-ATTR_ORDER = ("architecture", "n_params", "best_epoch", "best_value", "checkpoint",
-              "train_seconds", "device", "worker")
-
-
-class UsageError(Exception):
-    """The arguments name no study this command can open. ``str(err)`` is the message."""
+ATTR_ORDER = (attrs.ARCHITECTURE, attrs.N_PARAMS, attrs.BEST_EPOCH, attrs.BEST_VALUE,
+              attrs.CHECKPOINT, attrs.TRAIN_SECONDS, attrs.DEVICE, attrs.WORKER)
 
 
 @dataclass
@@ -86,36 +74,26 @@ def resolve(target: str, results_root: str) -> Target:
         UsageError: Nothing to open there.
     """
     path = Path(target)
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: pass a study file or a results folder")
-    if path.is_dir() and not (path / CONFIG_COPY).is_file():
-        journal = default_storage_path(path)
-        if not journal.is_file():
+    layout = ResultsLayout(path)
+    if path.is_dir() and not layout.config_copy.is_file():
+        if not layout.journal.is_file():
             raise UsageError(f"{path} is not a study's results folder: it has neither "
-                             f"{CONFIG_COPY} nor {journal.name}")
-        storage = JournalStorage(
-            JournalFileBackend(str(journal), lock_obj=FlockJournalLock(str(journal)))
-        )
-        return Target(storage, LinkingArtifactStore(path / "artifacts"), path.name, str(journal))
-    if path.is_file() and path.suffix not in (".yaml", ".yml"):
-        raise UsageError(f"{path} is neither a study file (.yaml) nor a results folder")
+                             f"{layout.config_copy.name} nor {layout.journal.name}")
+        storage = open_journal(layout.journal)
+        return Target(storage, LinkingArtifactStore(layout.artifacts), path.name,
+                      str(layout.journal))
+    config, layout = locate(path, results_root)
     try:
-        config, results_dir = locate(path, results_root)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    url = storage_url(config, results_dir)
-    local = not is_rdb(url) and not url.startswith(("redis://", "rediss://"))
-    if local and not Path(url.removeprefix("file://")).is_file():
+        url, storage = open_existing(config, layout)
+    except UsageError as err:
         rerun = f"python -m hpsearch.run {path}" + (
             f" --results-dir {results_root}" if results_root != "results" else ""
         )
-        raise UsageError(f"study {config.study.name!r} has not started: {url} does not exist "
-                         f"(start it with: {rerun})")
+        raise UsageError(f"{err} (start it with: {rerun})") from None
     try:
-        storage = open_storage(url, config)
-        store = open_artifact_store(config, results_dir)
-    except Exception as err:  # a bad URL or a missing driver: one line, not a traceback
-        raise UsageError(f"cannot open the storage {url}: {err}") from None
+        store = open_artifact_store(config, layout)
+    except Exception as err:  # a missing driver or bad bucket: one line, not a traceback
+        raise UsageError(f"cannot open the artifact store: {err}") from None
     return Target(storage, store, config.study.name, url)
 
 
@@ -129,19 +107,19 @@ def present(trial: FrozenTrial, retired: set[str]) -> FrozenTrial:
     user attributes a reader looks for come first; ``history`` (every epoch's metrics, which
     the dashboard would show as one long JSON line cut at 1 kB) becomes a one-line summary.
     """
-    attrs = dict(trial.user_attrs)
+    user = dict(trial.user_attrs)
     shown = copy.copy(trial)  # never mutate the storage's own (cached) trial
-    if attrs.get(TRIAL_ATTR) in retired:
+    if user.get(attrs.CHECKPOINT_ARTIFACT) in retired:
         shown.system_attrs = {
             k: v for k, v in trial.system_attrs.items()
-            if k.removeprefix(OPTUNA_ARTIFACT_PREFIX) not in retired
+            if k.removeprefix(ARTIFACT_ATTR_PREFIX) not in retired
         }
-        del attrs[TRIAL_ATTR]
-        attrs["checkpoint"] = RETIRED_NOTE
-    if isinstance(attrs.get("history"), list):
-        attrs["history"] = summarize_history(attrs["history"])
-    first = [k for k in ATTR_ORDER if k in attrs]
-    shown.user_attrs = {k: attrs[k] for k in [*first, *(k for k in attrs if k not in first)]}
+        del user[attrs.CHECKPOINT_ARTIFACT]
+        user[attrs.CHECKPOINT] = RETIRED_NOTE
+    if isinstance(user.get(attrs.HISTORY), list):
+        user[attrs.HISTORY] = summarize_history(user[attrs.HISTORY])
+    first = [k for k in ATTR_ORDER if k in user]
+    shown.user_attrs = {k: user[k] for k in [*first, *(k for k in user if k not in first)]}
     return shown
 
 
@@ -175,13 +153,13 @@ class PresentedStorage(BaseStorage):
     def _retired(self, study_id: int | None = None) -> set[str]:
         ids = (
             [study_id] if study_id is not None
-            else [s._study_id for s in self._inner.get_all_studies()]
+            else [summary_id(s) for s in self._inner.get_all_studies()]
         )
         return {a for i in ids for a in retired_artifacts(self._inner, i)}
 
     def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
         # The dashboard sorts only RDB studies itself; this view hides the storage's class.
-        return sorted(self._inner.get_all_studies(), key=lambda s: s._study_id)
+        return sorted(self._inner.get_all_studies(), key=summary_id)
 
     def get_all_trials(
         self, study_id: int, deepcopy: bool = True, states: Any = None
@@ -254,7 +232,7 @@ def study_url(target: Target, base: str) -> str:
     named = [s for s in studies if s.study_name == target.study_name]
     if not named and len(studies) == 1:
         named = studies
-    return f"{base}/dashboard/studies/{named[0]._study_id}" if named else f"{base}/dashboard/"
+    return f"{base}/dashboard/studies/{summary_id(named[0])}" if named else f"{base}/dashboard/"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,19 +257,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535 (got {args.port})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        target = resolve(args.target, args.results_dir)
-        server = build_server(target, args.host, args.port)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: serve(args.target, args.results_dir, args.host, args.port))
+
+
+def serve(target_path: str, results_root: str, bind: str, port: int) -> int:
+    """Open the study, listen, print the URL, and serve until Ctrl-C or SIGTERM."""
+    target = resolve(target_path, results_root)
+    server = build_server(target, bind, port)
     host, port = server.server_address[:2]
     if host in ("0.0.0.0", "::"):
         host = socket.gethostname()  # every interface: name one other machines can reach
     shown = f"[{host}]" if ":" in str(host) else host
     url = study_url(target, f"http://{shown}:{port}")
-    if args.host not in LOOPBACK:
-        print(f"warning: listening on {args.host}: the dashboard has no login, so anyone who "
+    if bind not in LOOPBACK:
+        print(f"warning: listening on {bind}: the dashboard has no login, so anyone who "
               "can reach this port can read and change the study", file=sys.stderr)
     print(f"optuna-dashboard on {target.description}: {url}", flush=True)
     print("press Ctrl-C to stop", flush=True)

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from hpsearch.config import DataSection, resolve_factory
+from hpsearch import datasets, metrics, user_code
+from hpsearch.config import DataSection
 
 Task = Literal["classification", "regression"]
 SPLITS = ("train", "val", "test")
@@ -37,7 +38,7 @@ class Dataset:
     streams: dict[str, TorchDataset] | None = None
 
     def metric_names(self) -> list[str]:
-        return ["loss", "acc"] if self.task == "classification" else ["loss", "mse", "mae"]
+        return list(metrics.BASE_METRICS[self.task])
 
     def size(self, split: str) -> int:
         if self.splits is not None:
@@ -55,47 +56,6 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:cut], order[cut:]
 
 
-def _mnist1d(**args: Any) -> dict[str, np.ndarray]:
-    from mnist1d.data import get_dataset_args, make_dataset
-    from mnist1d.utils import ObjectView
-
-    full = get_dataset_args(as_dict=True)
-    unknown = set(args) - set(full)
-    if unknown:
-        raise ValueError(f"unknown MNIST-1D generator argument(s): {sorted(unknown)}")
-    full.update(args)
-    full.pop("url", None)  # generation is local; the URL is only for downloads
-    d = make_dataset(ObjectView(full))
-    return {"x": d["x"], "y": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
-
-
-def _digits(**args: Any) -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    if args:
-        raise ValueError(f"the digits dataset takes no arguments (got {sorted(args)})")
-    d = load_digits()
-    return {"x": (d.data / 16.0).reshape(-1, 1, 8, 8), "y": d.target}
-
-
-def _synthetic_regression(**args: Any) -> dict[str, np.ndarray]:
-    opts = {"n_samples": 2000, "n_features": 20, "n_targets": 1, "noise": 0.1, "seed": 0}
-    unknown = set(args) - set(opts)
-    if unknown:
-        raise ValueError(f"unknown synthetic_regression argument(s): {sorted(unknown)}")
-    opts.update(args)
-    rng = np.random.default_rng(opts["seed"])
-    x = rng.standard_normal((opts["n_samples"], opts["n_features"]))
-    w = rng.standard_normal((opts["n_features"], opts["n_targets"]))
-    # A mild non-linearity so depth and width matter.
-    y = x @ w + 0.5 * np.sin(x[:, :1] * 2.0) + opts["noise"] * rng.standard_normal(
-        (opts["n_samples"], opts["n_targets"])
-    )
-    y = (y - y.mean(0)) / y.std(0)
-    return {"x": x, "y": y}
-
-
-BUILTIN = {"mnist1d": _mnist1d, "digits": _digits, "synthetic_regression": _synthetic_regression}
 
 
 def _to_tensor(a: Any, task: Task | None = None, target: bool = False) -> torch.Tensor:
@@ -111,7 +71,7 @@ def build(cfg: DataSection) -> Dataset:
     The test split is the source's own when it has one, else a ``test_fraction`` holdout; the
     validation split is ``val_fraction`` of what remains. Splits are seeded by ``split_seed``.
     """
-    fn = resolve_factory(cfg.name) if ":" in cfg.name else BUILTIN[cfg.name]
+    fn = user_code.resolve(cfg.name) if ":" in cfg.name else datasets.GENERATORS[cfg.name]
     raw = fn(**cfg.args)
     if not isinstance(raw, dict):
         raise TypeError(f"data factory {cfg.name!r} must return a dict, got {type(raw).__name__}")

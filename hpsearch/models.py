@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpsearch.config import resolve_factory
+from hpsearch import user_code
 
 
 def _flat_size(shape: Sequence[int]) -> int:
@@ -155,7 +155,7 @@ class ResNetSmall(nn.Module):
         return self.head(h.flatten(2).mean(dim=2))
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "linear": Linear,
     "mlp": MLP,
     "cnn1d": CNN1d,
@@ -184,7 +184,7 @@ def build_model(
     Raises:
         ValueError: Unknown architecture, or parameters the builder does not take.
     """
-    fn = resolve_factory(factory) if factory else BUILTIN.get(architecture)
+    fn = user_code.resolve(factory) if factory else ARCHITECTURES.get(architecture)
     if fn is None:
         raise ValueError(f"unknown architecture {architecture!r}")
     sig = inspect.signature(fn)

@@ -26,33 +26,25 @@ import optuna
 import torch
 from torch import nn
 
-import hpsearch
-from hpsearch.checkpoint import (
-    FORMAT_VERSION,
-    LAST,
-    MANIFEST,
-    BackgroundWriter,
-    TrialFiles,
-    atomic_torch_save,
-    is_better,
-    load_checkpoint,
-    snapshot,
-)
+from hpsearch import attrs, metrics
+from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.trial_files import FORMAT_VERSION, BackgroundWriter, TrialFiles, snapshot
 from hpsearch.config import StudyConfig
 from hpsearch.data import Dataset, DeviceBatches
+from hpsearch.errors import HpsearchError, Interrupted
+from hpsearch.files import atomic_torch_save
 from hpsearch.models import build_model, count_parameters
+from hpsearch.optuna_private import frozen
+from hpsearch.ranking import improves
+from hpsearch.results import MANIFEST, RESUME_STATE, ResultsLayout
 from hpsearch.space import TrialParams
-from hpsearch.storage import frozen
+from hpsearch.version import __version__
 
 EVAL_BATCH = 4096
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(HpsearchError, RuntimeError):
     """The loss or the monitored metric became NaN or inf."""
-
-
-class Interrupted(Exception):
-    """The run was asked to stop (Ctrl-C / SIGTERM); the trial's resume state is on disk."""
 
 
 # ---------------------------------------------------------------- best tracking
@@ -70,7 +62,7 @@ class Tracker:
     bad_epochs: int = 0
 
     def update(self, value: float, epoch: int) -> bool:
-        if is_better(value, self.best, self.mode, self.min_delta if self.best is not None else 0):
+        if improves(value, self.best, self.mode, self.min_delta if self.best is not None else 0):
             self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
             return True
         self.bad_epochs += 1
@@ -139,11 +131,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only the trial's own GPU: a resume may run on another GPU, or with fewer visible.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
@@ -151,14 +144,16 @@ def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    # Older resume files hold a list, one state per visible GPU: not restorable by index.
+    if isinstance(cuda, torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((state["python_version"], tuple(state["python"]), None))
-    gen.set_state(state["shuffle"])
+    gen.set_state(state["shuffle"].cpu())
 
 
 @dataclass
@@ -242,7 +237,7 @@ class Trainer:
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
-            **{f"val_{k}": v for k, v in val.items()},
+            **{metrics.named("val", k): v for k, v in val.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": round(self.seconds, 4),
         }
@@ -273,7 +268,7 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "history": list(self.history),
             "seconds": self.seconds,
-            "rng": _rng_state(self.generator),
+            "rng": _rng_state(self.generator, self.device),
         }
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
@@ -284,7 +279,7 @@ class Trainer:
         self.tracker.load_state_dict(state["tracker"])
         self.history = list(state["history"])
         self.seconds = float(state["seconds"])
-        _set_rng_state(state["rng"], self.generator)
+        _set_rng_state(state["rng"], self.generator, self.device)
         self.start_epoch = int(state["epoch"]) + 1
 
 
@@ -310,17 +305,13 @@ class TrialEnv:
     config: StudyConfig
     dataset: Dataset
     device: torch.device
-    results_dir: Path
+    layout: ResultsLayout
     worker: str
     in_memory: bool = True
     should_stop: Callable[[], bool] = lambda: False
     on_epoch: Callable[[int, int, dict[str, float]], None] = lambda trial, epoch, rec: None
     log: Callable[[str], None] = print
     on_checkpoint_kept: Callable[[optuna.Trial, Path], None] | None = None
-
-
-def trial_dir(results_dir: Path, number: int) -> Path:
-    return results_dir / "trials" / str(number)
 
 
 def checkpoint_name(config: StudyConfig, epoch: int, value: float, trial: int) -> str:
@@ -335,7 +326,7 @@ def resume_chain(trial: optuna.Trial) -> list[int]:
 
     Read from the stored FrozenTrial: in Optuna 5 a live Trial exposes no system attrs.
     """
-    return [int(n) for n in frozen(trial).system_attrs.get("retry_history", [])]
+    return [int(n) for n in frozen(trial).system_attrs.get(attrs.RETRY_HISTORY, [])]
 
 
 def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
@@ -347,122 +338,141 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
         NonFiniteError: The loss or the monitored metric became NaN or inf.
         Interrupted: The run is stopping; ``last.pt`` holds the state to resume from.
     """
-    cfg, number = env.config, trial.number
-    folder = trial_dir(env.results_dir, number)
-    folder.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(
-        cfg,
-        params,
-        env.dataset,
-        env.device,
-        seed=cfg.train.seed + number,
-        in_memory=env.in_memory,
-        should_stop=env.should_stop,
-    )
-    metric, monitor, mode = cfg.study.metric, trainer.monitor, trainer.mode
-    files = TrialFiles(folder, monitor, mode, cfg.checkpoint.keep_top_k)
-    save = cfg.checkpoint.save
-    trial.set_user_attr("architecture", params.architecture)
-    trial.set_user_attr("n_params", count_parameters(trainer.model))
+    return _TrialRun(trial, params, env).train()
 
-    chain = resume_chain(trial)
-    if chain:
-        _resume(trial, trainer, files, chain, env)
 
-    base = {
-        "format_version": FORMAT_VERSION,
-        "hpsearch_version": hpsearch.__version__,
-        "model": trainer.model_meta(),
-        "params": params.flat(),
-        "monitor": monitor,
-        "mode": mode,
-        "metric": metric,
-        "trial": number,
-        "study": cfg.study.name,
-        "config": cfg.as_study_dict(),
-    }
-    writer = BackgroundWriter()
-    best_state: dict[str, torch.Tensor] | None = None
-    # Short epochs would spend more on last.pt than on training: it is written at most every
-    # resume_min_seconds, so a crash retrains at most that much.
-    last_resume_write = time.monotonic()
-    try:
-        for epoch in range(trainer.start_epoch, cfg.train.max_epochs):
-            record = trainer.run_epoch(epoch)
-            value = record.get(monitor)
-            if value is None:
-                raise KeyError(
-                    f"monitored metric {monitor!r} is not computed; available: "
-                    f"{sorted(k for k in record if k not in ('epoch', 'lr', 'seconds'))}"
-                )
-            env.log(
-                f"epoch {epoch}: "
-                + " ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch")
+class _TrialRun:
+    """The steps of one trial: set up (or resume), train epoch by epoch, finish."""
+
+    def __init__(self, trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> None:
+        cfg = env.config
+        self.trial, self.env, self.cfg = trial, env, cfg
+        self.folder = env.layout.trial(trial.number)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.trainer = Trainer(cfg, params, env.dataset, env.device,
+                               seed=cfg.train.seed + trial.number, in_memory=env.in_memory,
+                               should_stop=env.should_stop)
+        self.files = TrialFiles(self.folder, self.trainer.monitor, self.trainer.mode,
+                                cfg.checkpoint.keep_top_k)
+        trial.set_user_attr(attrs.ARCHITECTURE, params.architecture)
+        trial.set_user_attr(attrs.N_PARAMS, count_parameters(self.trainer.model))
+        chain = resume_chain(trial)
+        if chain:
+            _resume(trial, self.trainer, self.files, chain, env)
+        self.base = {
+            "format_version": FORMAT_VERSION,
+            "hpsearch_version": __version__,
+            "model": self.trainer.model_meta(),
+            "params": params.flat(),
+            "monitor": self.trainer.monitor,
+            "mode": self.trainer.mode,
+            "metric": cfg.study.metric,
+            "trial": trial.number,
+            "study": cfg.study.name,
+            "config": cfg.as_study_dict(),
+        }
+        self.writer = BackgroundWriter()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        # Short epochs would spend more on last.pt than on training: it is written at most
+        # every resume_min_seconds, so a crash retrains at most that much.
+        self.last_resume_write = time.monotonic()
+
+    def train(self) -> float:
+        try:
+            for epoch in range(self.trainer.start_epoch, self.cfg.train.max_epochs):
+                record, value = self._validated_epoch(epoch)
+                stopping = self._keep(epoch, record, value)
+                self.env.on_epoch(self.trial.number, epoch, record)
+                if self.trial.should_prune():
+                    self.writer.flush()
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+                if self.trainer.tracker.should_stop:
+                    self.env.log(f"early stopping at epoch {epoch}: no improvement in "
+                                 f"{self.trainer.tracker.bad_epochs} epochs")
+                    break
+                if stopping:
+                    self.writer.flush()
+                    raise Interrupted()
+            self.writer.flush()
+        finally:
+            self.writer.close()
+            _record(self.trial, self.trainer, self.files, self.env)
+        return self._finish()
+
+    def _validated_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
+        """Train and validate one epoch, log it, refuse non-finite values, report it."""
+        record = self.trainer.run_epoch(epoch)
+        monitor = self.trainer.monitor
+        value = record.get(monitor)
+        if value is None:
+            raise KeyError(
+                f"monitored metric {monitor!r} is not computed; available: "
+                f"{sorted(k for k in record if k not in ('epoch', 'lr', 'seconds'))}"
             )
-            if not (math.isfinite(record["train_loss"]) and math.isfinite(value)):
-                reason = (f"non-finite value at epoch {epoch}: "
-                          f"train_loss={record['train_loss']}, {monitor}={value}")
-                if cfg.train.on_nonfinite == "prune":
-                    trial.set_user_attr("prune_reason", reason)
-                    raise optuna.TrialPruned(reason)
-                raise NonFiniteError(reason)
-            trial.report(record[metric], epoch)
-            improved = trainer.tracker.update(value, epoch)
-            meta = {**base, "epoch": epoch, "value": value, "metrics": record}
-            due = _files_due(cfg, epoch, value, number, improved)
-            stopping = env.should_stop()
-            resume_due = stopping or (
-                (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0
-                and time.monotonic() - last_resume_write >= cfg.checkpoint.resume_min_seconds
-            )
-            # One CPU copy of the weights per epoch serves every file written for it.
-            weights = None
-            if improved or due or resume_due:
-                weights = snapshot(trainer.model.state_dict())
-            if improved:
-                best_state = weights
-            jobs: list[Callable[[], None]] = []
-            for kind, name in due:
-                obj = {**meta, "history": list(trainer.history), "model_state_dict": weights}
-                jobs.append(partial(files.save, name, obj, kind, epoch, value))
-            trainer.step_scheduler(value)
-            if resume_due:
-                rest = {k: v for k, v in trainer.resume_state(epoch).items()
-                        if k != "model_state_dict"}
-                state = {**base, **snapshot(rest), "model_state_dict": weights}
-                jobs.append(partial(atomic_torch_save, state, folder / LAST))
-                last_resume_write = time.monotonic()
-            if jobs:
-                # Written off the training thread; the next submit waits for this one.
-                writer.submit(partial(_run_all, jobs))
-            env.on_epoch(number, epoch, record)
-            if trial.should_prune():
-                writer.flush()
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-            if trainer.tracker.should_stop:
-                env.log(f"early stopping at epoch {epoch}: no improvement in "
-                        f"{trainer.tracker.bad_epochs} epochs")
-                break
-            if stopping:
-                writer.flush()
-                raise Interrupted()
-        writer.flush()
-    finally:
-        writer.close()
-        _record(trial, trainer, files, env)
+        self.env.log(f"epoch {epoch}: "
+                     + " ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch"))
+        if not (math.isfinite(record["train_loss"]) and math.isfinite(value)):
+            reason = (f"non-finite value at epoch {epoch}: "
+                      f"train_loss={record['train_loss']}, {monitor}={value}")
+            if self.cfg.train.on_nonfinite == "prune":
+                self.trial.set_user_attr(attrs.PRUNE_REASON, reason)
+                raise optuna.TrialPruned(reason)
+            raise NonFiniteError(reason)
+        self.trial.report(record[self.cfg.study.metric], epoch)
+        return record, value
 
-    if trainer.tracker.best_epoch is None:
-        raise NonFiniteError("no epoch produced a finite monitored value")
-    # Restore the best weights: the model the trial ends with is the one it is ranked by.
-    if save != "last" and best_state is not None:
-        trainer.model.load_state_dict(best_state)
-    kept = files.best()
-    if kept is not None and env.on_checkpoint_kept is not None:
-        env.on_checkpoint_kept(trial, folder / kept[0])
-    (folder / LAST).unlink(missing_ok=True)
-    if save == "last":
-        return float(trainer.history[-1][metric])
-    return float(trainer.history[trainer.tracker.best_epoch - trainer.history[0]["epoch"]][metric])
+    def _keep(self, epoch: int, record: dict[str, float], value: float) -> bool:
+        """Track the best, queue the epoch's files and resume state, step the scheduler.
+
+        Returns whether the run is stopping (the resume state was then written regardless).
+        """
+        cfg, trainer = self.cfg, self.trainer
+        improved = trainer.tracker.update(value, epoch)
+        due = _files_due(cfg, epoch, value, self.trial.number, improved)
+        stopping = self.env.should_stop()
+        resume_due = stopping or (
+            (epoch + 1) % cfg.checkpoint.resume_every_n_epochs == 0
+            and time.monotonic() - self.last_resume_write >= cfg.checkpoint.resume_min_seconds
+        )
+        # One CPU copy of the weights per epoch serves every file written for it.
+        weights = None
+        if improved or due or resume_due:
+            weights = snapshot(trainer.model.state_dict())
+        if improved:
+            self.best_state = weights
+        meta = {**self.base, "epoch": epoch, "value": value, "metrics": record}
+        jobs: list[Callable[[], None]] = []
+        for kind, name in due:
+            obj = {**meta, "history": list(trainer.history), "model_state_dict": weights}
+            jobs.append(partial(self.files.save, name, obj, kind, epoch, value))
+        trainer.step_scheduler(value)
+        if resume_due:
+            rest = {k: v for k, v in trainer.resume_state(epoch).items()
+                    if k != "model_state_dict"}
+            state = {**self.base, **snapshot(rest), "model_state_dict": weights}
+            jobs.append(partial(atomic_torch_save, state, self.folder / RESUME_STATE))
+            self.last_resume_write = time.monotonic()
+        if jobs:
+            # Written off the training thread; the next submit waits for this one.
+            self.writer.submit(partial(_run_all, jobs))
+        return stopping
+
+    def _finish(self) -> float:
+        """Restore the best weights, publish the kept checkpoint, drop the resume state."""
+        trainer, metric = self.trainer, self.cfg.study.metric
+        if trainer.tracker.best_epoch is None:
+            raise NonFiniteError("no epoch produced a finite monitored value")
+        # The model the trial ends with is the one it is ranked by.
+        if self.cfg.checkpoint.save != "last" and self.best_state is not None:
+            trainer.model.load_state_dict(self.best_state)
+        kept = self.files.best()
+        if kept is not None and self.env.on_checkpoint_kept is not None:
+            self.env.on_checkpoint_kept(self.trial, self.folder / kept[0])
+        (self.folder / RESUME_STATE).unlink(missing_ok=True)
+        if self.cfg.checkpoint.save == "last":
+            return float(trainer.history[-1][metric])
+        first = trainer.history[0]["epoch"]
+        return float(trainer.history[trainer.tracker.best_epoch - first][metric])
 
 
 def _files_due(
@@ -489,18 +499,17 @@ def _record(trial: optuna.Trial, trainer: Trainer, files: TrialFiles, env: Trial
     best_epoch = trainer.tracker.best_epoch
     kept = files.best()
     if kept is not None:
-        path = files.folder / kept[0]
-        trial.set_user_attr("checkpoint", str(path.relative_to(env.results_dir)))
-        trial.set_user_attr("checkpoint_sha256", kept[1].sha256)
-    attrs = {
-        "best_epoch": best_epoch,
-        "best_value": trainer.tracker.best,
-        "train_seconds": round(trainer.seconds, 3),
-        "history": trainer.history,
-        "device": str(env.device),
-        "worker": env.worker,
+        trial.set_user_attr(attrs.CHECKPOINT, env.layout.relative(files.folder / kept[0]))
+        trial.set_user_attr(attrs.CHECKPOINT_SHA256, kept[1].sha256)
+    ended = {
+        attrs.BEST_EPOCH: best_epoch,
+        attrs.BEST_VALUE: trainer.tracker.best,
+        attrs.TRAIN_SECONDS: round(trainer.seconds, 3),
+        attrs.HISTORY: trainer.history,
+        attrs.DEVICE: str(env.device),
+        attrs.WORKER: env.worker,
     }
-    for key, value in attrs.items():
+    for key, value in ended.items():
         trial.set_user_attr(key, value)
 
 
@@ -514,24 +523,26 @@ def _resume(
     """
     source = chain[-1]
     for number in chain:
-        src_dir = trial_dir(env.results_dir, number)
+        src_dir = env.layout.trial(number)
         if (src_dir / MANIFEST).exists():
             files.adopt(TrialFiles(src_dir, trainer.monitor, trainer.mode, files.keep_top_k))
-        last = src_dir / LAST
+        last = src_dir / RESUME_STATE
         if last.exists():
             source = number
             # Moved, not deleted: if this trial dies before its first epoch ends, the next
             # retry still resumes from here.
-            os.replace(last, files.folder / LAST)
-    last = files.folder / LAST
+            os.replace(last, files.folder / RESUME_STATE)
+    last = files.folder / RESUME_STATE
     if last.exists():
-        trainer.load_resume_state(torch.load(last, map_location=env.device, weights_only=True))
+        # Onto the CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
+        # weights and optimizer state to wherever the model is.
+        trainer.load_resume_state(torch.load(last, map_location="cpu", weights_only=True))
     # last.pt is written at most every resume_min_seconds: best files may be newer than it.
     files.forget_after(trainer.start_epoch - 1)
     # Intermediate values continue without gaps: replay the epochs already trained.
     for rec in trainer.history:
         trial.report(rec[env.config.study.metric], int(rec["epoch"]))
-    trial.set_user_attr("resumed_from", {"trial": source, "epoch": trainer.start_epoch})
+    trial.set_user_attr(attrs.RESUMED_FROM, {"trial": source, "epoch": trainer.start_epoch})
     env.log(f"resumed from trial {source} at epoch {trainer.start_epoch}")
 
 
@@ -541,12 +552,13 @@ def train_and_test(
     dataset: Dataset,
     device: torch.device,
     seed: int,
+    in_memory: bool = True,
 ) -> dict[str, float]:
     """Train one configuration without Optuna (best epoch restored) and score the test split.
 
     Used by the report to confirm a ranking with fresh seeds.
     """
-    trainer = Trainer(config, params, dataset, device, seed=seed)
+    trainer = Trainer(config, params, dataset, device, seed=seed, in_memory=in_memory)
     best_state = None
     for epoch in range(config.train.max_epochs):
         record = trainer.run_epoch(epoch)
@@ -558,5 +570,6 @@ def train_and_test(
             break
     if best_state is not None:
         trainer.model.load_state_dict(best_state)
-    test = DeviceBatches(dataset, "test", device, in_memory=True)
-    return {f"test_{k}": v for k, v in evaluate(trainer.model, test, dataset.task).items()}
+    test = DeviceBatches(dataset, "test", device, in_memory=in_memory)
+    scores = evaluate(trainer.model, test, dataset.task)
+    return {metrics.named("test", k): v for k, v in scores.items()}

@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 
 from hpsearch import data as data_mod
-from hpsearch.checkpoint import (
-    MANIFEST,
-    CheckpointError,
-    load_checkpoint,
-    read_best_meta,
-    sha256_file,
-)
-from hpsearch.config import ConfigError, parse_config
+from hpsearch import metrics as metric_names
+from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.loading import load_model
+from hpsearch.checkpoint.study_best import read_best_meta
+from hpsearch.config import parse_config
 from hpsearch.data import DeviceBatches
-from hpsearch.loading import load_model
+from hpsearch.errors import EXIT_FAILED, EXIT_OK, CheckpointError, ConfigError, UsageError, run_cli
+from hpsearch.files import sha256_file
+from hpsearch.results import MANIFEST, ResultsLayout
 from hpsearch.train import evaluate
 
 
@@ -43,7 +42,7 @@ class Verdict:
 def check_kept_files(results_dir: Path) -> list[str]:
     """Every checkpoint a trial manifest lists must exist and match its recorded sha256."""
     problems = []
-    for manifest_path in sorted((results_dir / "trials").glob("*/" + MANIFEST)):
+    for manifest_path in sorted(ResultsLayout(results_dir).trials.glob("*/" + MANIFEST)):
         files = json.loads(manifest_path.read_text()).get("files", {})
         for name, entry in sorted(files.items()):
             path = manifest_path.parent / name
@@ -58,13 +57,14 @@ def check_kept_files(results_dir: Path) -> list[str]:
 def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict:
     """Check every kept checkpoint's sha256, then reload the study best and re-evaluate it on
     the validation split."""
-    problems = check_kept_files(results_dir)
+    layout = ResultsLayout(Path(results_dir))
+    problems = check_kept_files(layout.root)
     if problems:
         return Verdict(False, "; ".join(problems))
-    meta = read_best_meta(results_dir)
+    meta = read_best_meta(layout)
     if meta is None:
-        return Verdict(False, f"no study best: {results_dir / 'best' / 'meta.json'} is missing")
-    path = results_dir / "best" / "model.pt"
+        return Verdict(False, f"no study best: {layout.best_meta} is missing")
+    path = layout.best_model
     try:
         ckpt = load_checkpoint(path, map_location="cpu")
         model = load_model(path, map_location="cpu")
@@ -77,9 +77,10 @@ def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict
         config = parse_config(ckpt["config"], f"{path} (embedded config)")
     except ConfigError as err:
         return Verdict(False, str(err))
-    dataset = data_mod.load(config.data, results_dir / "data")
+    dataset = data_mod.load(config.data, layout.data_cache)
     val = DeviceBatches(dataset, "val", torch.device("cpu"), in_memory=True)
-    metrics = {f"val_{k}": v for k, v in evaluate(model, val, dataset.task).items()}
+    metrics = {metric_names.named("val", k): v
+               for k, v in evaluate(model, val, dataset.task).items()}
     monitor, recorded = ckpt["monitor"], float(ckpt["value"])
     reproduced = metrics.get(monitor)
     if reproduced is None:
@@ -109,14 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance")
     p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance")
     args = p.parse_args(argv)
-    results_dir = Path(args.results_dir)
-    if not results_dir.is_dir():
-        print(f"error: {results_dir}: not a results folder", file=sys.stderr)
-        return 2
-    verdict = verify(results_dir, args.rtol, args.atol)
-    stream = sys.stdout if verdict.ok else sys.stderr
-    print(("OK: " if verdict.ok else "FAILED: ") + verdict.message, file=stream)
-    return 0 if verdict.ok else 1
+
+    def body() -> int:
+        results_dir = Path(args.results_dir)
+        if not results_dir.is_dir():
+            raise UsageError(f"{results_dir}: not a results folder")
+        verdict = verify(results_dir, args.rtol, args.atol)
+        stream = sys.stdout if verdict.ok else sys.stderr
+        print(("OK: " if verdict.ok else "FAILED: ") + verdict.message, file=stream)
+        return EXIT_OK if verdict.ok else EXIT_FAILED
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -466,8 +466,8 @@ class Bench:
     def run_hpsearch(self, raw: dict[str, Any]) -> Run:
         from hpsearch import data as data_mod
         from hpsearch.config import parse_config
-        from hpsearch.launch import run_study
-        from hpsearch.progress import Printer
+        from hpsearch.run import run_study
+        from hpsearch.run.progress import Printer
 
         cfg = parse_config(raw, "bench")
         root = self.work / "runs"

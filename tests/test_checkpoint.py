@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpsearch.checkpoint import (
-    CheckpointError,
-    CheckpointWriteError,
-    TrialFiles,
+from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.retention import select_kept
+from hpsearch.checkpoint.study_best import read_best_meta, update_study_best
+from hpsearch.checkpoint.trial_files import TrialFiles
+from hpsearch.errors import CheckpointError, FileWriteError
+from hpsearch.files import (
     atomic_torch_save,
     atomic_write_bytes,
     clean_stale_temporaries,
-    load_checkpoint,
-    read_best_meta,
-    select_kept,
     sha256_file,
-    update_study_best,
 )
 
 
@@ -41,7 +39,7 @@ def test_failed_write_keeps_old_file_and_names_path(tmp_path, monkeypatch) -> No
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(CheckpointWriteError, match=str(path)):
+    with pytest.raises(FileWriteError, match=str(path)):
         atomic_write_bytes(path, b"new")
     monkeypatch.undo()
     assert path.read_bytes() == b"old"
@@ -51,7 +49,7 @@ def test_failed_write_keeps_old_file_and_names_path(tmp_path, monkeypatch) -> No
 def test_write_into_a_file_path_is_an_error_naming_it(tmp_path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    with pytest.raises(CheckpointWriteError, match="blocker"):
+    with pytest.raises(FileWriteError, match="blocker"):
         atomic_torch_save({"a": 1}, blocker / "ckpt.pt")
 
 
@@ -173,7 +171,7 @@ def test_failed_best_update_leaves_previous_best(tmp_path, monkeypatch) -> None:
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(CheckpointWriteError, match="best"):
+    with pytest.raises(FileWriteError, match="best"):
         update_study_best(tmp_path, better, {"trial": 1, "value": 0.9}, minimize=False)
     monkeypatch.undo()
     assert read_best_meta(tmp_path)["trial"] == 0

@@ -27,12 +27,13 @@ from optuna.artifacts import Boto3ArtifactStore, get_all_artifact_meta
 from optuna.artifacts.exceptions import ArtifactNotFound
 from studyfiles import tiny, write_study
 
-from hpsearch import artifacts, dashboard
-from hpsearch.artifacts import (
-    BEST_ATTR,
-    BEST_TRIAL_ATTR,
+from hpsearch import dashboard
+from hpsearch.attrs import CHECKPOINT_ARTIFACT as TRIAL_ATTR
+from hpsearch.attrs import STUDY_BEST_ARTIFACT as BEST_ATTR
+from hpsearch.attrs import STUDY_BEST_TRIAL as BEST_TRIAL_ATTR
+from hpsearch.checkpoint import artifacts
+from hpsearch.checkpoint.artifacts import (
     MIMETYPE,
-    TRIAL_ATTR,
     LinkingArtifactStore,
     open_artifact_store,
     publish_study_best,
@@ -40,7 +41,7 @@ from hpsearch.artifacts import (
     retire_trial_checkpoint,
     retired_artifacts,
 )
-from hpsearch.checkpoint import update_study_best
+from hpsearch.checkpoint.study_best import update_study_best
 from hpsearch.config import parse_config
 from hpsearch.dashboard import RETIRED_NOTE, PresentedStorage, present, resolve, study_url
 

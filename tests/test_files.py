@@ -28,19 +28,16 @@ from optuna.trial import TrialState
 from studyfiles import open_results, regression, write_study
 
 import hpsearch
-from hpsearch.checkpoint import (
+from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.study_best import read_best_meta, update_study_best
+from hpsearch.checkpoint.trial_files import BackgroundWriter, TrialFiles
+from hpsearch.errors import CheckpointError, FileWriteError
+from hpsearch.files import (
     TMP_PREFIX,
-    BackgroundWriter,
-    CheckpointError,
-    CheckpointWriteError,
-    TrialFiles,
     atomic_torch_save,
     atomic_write_json,
     clean_stale_temporaries,
-    load_checkpoint,
-    read_best_meta,
     sha256_file,
-    update_study_best,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -86,7 +83,7 @@ def test_failed_replace_names_the_path_keeps_the_old_file_and_no_temporary(
     atomic_torch_save(fake_checkpoint(0, 1.0), path)
     before = path.read_bytes()
     monkeypatch.setattr(os, "replace", failing(os.replace, lambda src, dst: True))
-    with pytest.raises(CheckpointWriteError) as info:
+    with pytest.raises(FileWriteError) as info:
         atomic_torch_save(fake_checkpoint(1, 0.5), path)
     monkeypatch.undo()
     assert str(path) in str(info.value)
@@ -103,7 +100,7 @@ def test_a_path_blocked_on_disk_is_an_error_naming_it(tmp_path: Path, blocker: s
     else:
         (tmp_path / "trials").write_text("not a folder")
         path = tmp_path / "trials" / "0" / "model.pt"
-    with pytest.raises(CheckpointWriteError) as info:
+    with pytest.raises(FileWriteError) as info:
         atomic_torch_save(fake_checkpoint(0, 1.0), path)
     assert str(path) in str(info.value)
     assert temporaries(tmp_path) == []
@@ -140,7 +137,7 @@ SAVER = textwrap.dedent(
 
     import torch
 
-    from hpsearch.checkpoint import atomic_torch_save
+    from hpsearch.files import atomic_torch_save
 
     path = Path(sys.argv[1])
     i = 0
@@ -214,7 +211,7 @@ def test_failed_checkpoint_save_keeps_the_manifest_and_the_previous_best(
     monkeypatch.setattr(
         os, "replace", failing(os.replace, lambda src, dst: Path(dst).name == "epoch001.pt")
     )
-    with pytest.raises(CheckpointWriteError, match="epoch001.pt"):
+    with pytest.raises(FileWriteError, match="epoch001.pt"):
         files.save("epoch001.pt", fake_checkpoint(0, 0.5, epoch=1), "best", 1, 0.5)
     monkeypatch.undo()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -229,14 +226,14 @@ def test_background_writer_never_swallows_a_failed_save() -> None:
     writer = BackgroundWriter()
 
     def broken() -> None:
-        raise CheckpointWriteError(errno.EIO, "cannot write /x/epoch003.pt: I/O error")
+        raise FileWriteError(errno.EIO, "cannot write /x/epoch003.pt: I/O error")
 
     try:
         writer.submit(broken)
-        with pytest.raises(CheckpointWriteError, match="epoch003.pt"):
+        with pytest.raises(FileWriteError, match="epoch003.pt"):
             writer.submit(lambda: None)  # the next save reports the previous failure
         writer.submit(broken)
-        with pytest.raises(CheckpointWriteError):
+        with pytest.raises(FileWriteError):
             writer.flush()
     finally:
         writer.close()
@@ -281,7 +278,7 @@ def test_failed_study_best_update_leaves_previous_best_intact(
             }[step]
 
         monkeypatch.setattr(os, "replace", failing(os.replace, hits))
-    with pytest.raises(CheckpointWriteError) as info:
+    with pytest.raises(FileWriteError) as info:
         update_study_best(results, candidate, {"trial": 1, "value": 0.3}, minimize=True)
     monkeypatch.undo()
     message = str(info.value)

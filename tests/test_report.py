@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import stat
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,14 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from hpsearch import report, report_figures, report_render
+from hpsearch import files, ranking, report
+from hpsearch.errors import FileWriteError
 from hpsearch.report import compute_report, seed_summary, t_quantile_975
-from hpsearch.report_render import ReportWriteError, seed_table, write_report
+from hpsearch.report import figures as report_figures
+from hpsearch.report import render as report_render
+from hpsearch.report.__main__ import winner_line
+from hpsearch.report.render import seed_table, write_report
+from hpsearch.results import ResultsLayout
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -418,6 +424,27 @@ def test_winner() -> None:
     assert winner.load_call == 'hpsearch.load_best_model("results/win")'
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_a_tie_goes_to_the_earlier_trial_everywhere(direction: str, tmp_path: Path) -> None:
+    # Trial 1's architecture sorts first by name: a tie broken by name would pick it.
+    study = optuna.create_study(study_name="tie", direction=direction)
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.9, epochs=[0.9])
+    add_trial(study, "cnn", TrialState.COMPLETE, 0.9, epochs=[0.9])
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.9, epochs=[0.9])
+    assert study.best_trial.number == 0
+    data = compute(study)
+    assert data.winner is not None
+    assert (data.winner.architecture, data.winner.trial_number) == ("mlp", 0)
+    assert [(a.architecture, a.rank, a.best_trial) for a in data.architectures] == [
+        ("mlp", 1, 0), ("cnn", 2, 1),
+    ]
+    line = winner_line(study, METRIC, ResultsLayout(tmp_path / "tie"))
+    assert line.startswith("winner: mlp (trial 0, best val_acc 0.9)")
+    minimize = direction == "minimize"
+    bests = ranking.architecture_bests(study.trials, minimize)  # what the report measures
+    assert {arch: t.number for arch, t in bests.items()} == {"mlp": 0, "cnn": 1}
+
+
 def test_winner_without_results_dir_or_checkpoint() -> None:
     study = optuna.create_study(study_name="bare", direction="maximize")
     add_trial(study, "mlp", TrialState.COMPLETE, 0.7, extra_attrs={"checkpoint": None})
@@ -637,6 +664,18 @@ def _plotlyjs() -> str:
     return get_plotlyjs()
 
 
+def test_report_files_follow_the_umask(tmp_path: Path) -> None:
+    # The old writer left every report file readable by its owner only (mkstemp's 0600).
+    study = known_study()
+    previous = os.umask(0o022)
+    try:
+        paths = write_report(compute(study), study, tmp_path)
+    finally:
+        os.umask(previous)
+    for kind in ("html", "markdown", "architectures_csv", "trials_csv"):
+        assert stat.S_IMODE(paths[kind].stat().st_mode) == 0o644, kind
+
+
 def test_write_report_with_no_complete_trials(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="empty", direction="maximize")
     add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2])
@@ -666,27 +705,28 @@ def test_failed_write_names_the_path_and_keeps_the_old_file(
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(report_render.os, "replace", failing_replace)
-    with pytest.raises(ReportWriteError, match="No space left") as caught:
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    with pytest.raises(FileWriteError, match="No space left") as caught:
         write_report(data, study, tmp_path)
     assert isinstance(caught.value, OSError)
     assert caught.value.filename == str(tmp_path / "trials.csv")
     assert str(tmp_path / "trials.csv") in str(caught.value)
     assert paths["trials_csv"].read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(f"{files.TMP_PREFIX}*"))
 
 
 def test_write_report_into_a_file_path_fails_cleanly(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     study = known_study()
-    with pytest.raises(ReportWriteError) as caught:
+    with pytest.raises(FileWriteError) as caught:
         write_report(compute(study), study, blocker)
     assert caught.value.filename == str(blocker)
 
 
 def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
-    stale = tmp_path / ".report.html.abc123.tmp"
+    stale = tmp_path / f"{files.TMP_PREFIX}abc123.html"  # the temporary of report.html
     stale.write_text("half a page")
     unrelated = tmp_path / ".notes.tmp"
     unrelated.write_text("keep")

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
-from studyfiles import tiny, write_study
+from studyfiles import derive, tiny, write_study
 
-from hpsearch.report import main
+from hpsearch import files
+from hpsearch.errors import Interrupted
+from hpsearch.report import build_report
+from hpsearch.report.__main__ import main
+from hpsearch.storage.backends import open_study
+from hpsearch.workers.slots import Slot
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +116,101 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "results").exists()  # a failed report creates nothing
+
+
+def test_progress_is_reported_once_per_seed_retrain(study_run) -> None:
+    tmp_path, study_file = study_run
+    config, layout, study = open_study(study_file, tmp_path / "res")
+    lines: list[str] = []
+    slots = [Slot(0, "cpu", 1), Slot(1, "cpu", 1)]
+    build_report(config, study, layout, slots, on_progress=lines.append)
+    n = 2 * config.report.seeds  # two architectures
+    assert lines[0] == (f"report: retraining each architecture's best with "
+                        f"{config.report.seeds} seeds on 2 slots")
+    done = lines[1:]
+    assert len(done) == n
+    seeds = [(m["arch"], int(m["seed"])) for m in
+             (re.fullmatch(rf"report: seed retrain {i}/{n} done \((?P<arch>\w+), seed "
+                           r"(?P<seed>\d+)\)", line) for i, line in enumerate(done, start=1))
+             if m is not None]
+    assert len(seeds) == n
+    assert sorted(seeds) == sorted((a, s) for a in ("linear", "mlp")
+                                   for s in (1_000_000, 1_000_001))
+
+
+def test_ctrl_c_during_seed_retrains_exits_130_with_one_line(study_run) -> None:
+    tmp_path, _ = study_run
+    folder = tmp_path / "res/tiny"
+    before = {name: (folder / name).stat().st_ino for name in FILES if (folder / name).exists()}
+    # The same study with many seeds, so the retrains are still running when Ctrl-C comes.
+    busy = write_study(tmp_path, derive(STUDY, report={"seeds": 50}), name="busy.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpsearch.report", str(busy), "--results-dir", "res"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("report: retraining"):
+                break
+        time.sleep(3)  # the retrains are running
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 20
+    assert proc.returncode == 130, out + err
+    assert err.splitlines() == [
+        "interrupted: the report was not written; the study is unchanged"
+    ], err
+    after = {name: (folder / name).stat().st_ino for name in FILES if (folder / name).exists()}
+    assert after == before
+
+
+def test_an_interrupt_during_seed_retrains_propagates_at_once(study_run) -> None:
+    # The run's signal handler raises Interrupted in the main thread; here the progress
+    # callback does, as each retrain's line is printed.
+    tmp_path, study_file = study_run
+    config, layout, study = open_study(study_file, tmp_path / "res")
+    config = config.model_copy(update={"report": config.report.model_copy(update={"seeds": 50})})
+    before = {name: (layout.root / name).stat().st_ino
+              for name in FILES if (layout.root / name).exists()}
+    lines: list[str] = []
+
+    def interrupt_after_first(text: str) -> None:
+        lines.append(text)
+        if "done" in text:
+            raise Interrupted()
+
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "tasks cancelled" warning either
+        with pytest.raises(Interrupted):
+            build_report(config, study, layout, [Slot(0, "cpu", 1), Slot(1, "cpu", 1)],
+                         on_progress=interrupt_after_first)
+    assert time.monotonic() - started < 60
+    assert len(lines) == 2 and "1/100 done" in lines[1]
+    after = {name: (layout.root / name).stat().st_ino
+             for name in FILES if (layout.root / name).exists()}
+    assert after == before
+
+
+def test_a_failed_write_exits_1_naming_the_file(study_run, monkeypatch, capsys) -> None:
+    tmp_path, _ = study_run
+    folder = tmp_path / "res/tiny"
+    real_replace = os.replace
+
+    def full_disk(src: str, dst: str | Path) -> None:
+        if Path(dst).name == "report.md":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    assert main([str(folder), "--no-seeds"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: cannot write {folder / 'report.md'}: No space left on device"
+    ]

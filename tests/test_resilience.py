@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from studyfiles import derive, open_results, regression, write_study
 
 import hpsearch
-from hpsearch.checkpoint import TMP_PREFIX
+from hpsearch.files import TMP_PREFIX
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

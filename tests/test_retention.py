@@ -13,10 +13,9 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from studyfiles import TINY
 
-from hpsearch.checkpoint import select_kept
+from hpsearch.checkpoint.retention import Retention, select_kept
 from hpsearch.config import parse_config
-from hpsearch.keeper import Retention
-from hpsearch.storage import TrialIndex, counted, fail_trial, retried_numbers
+from hpsearch.storage.trials import TrialIndex, counted, fail_trial, retried_numbers
 
 ARCHS = ["linear", "mlp", "cnn1d"]
 STATES = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING]

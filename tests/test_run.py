@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from studyfiles import open_results, tiny, write_study
 
 import hpsearch
-from hpsearch.checkpoint import read_best_meta
+from hpsearch.checkpoint.study_best import read_best_meta
 from hpsearch.config import parse_config
 from hpsearch.data import DeviceBatches
 from hpsearch.data import load as load_data
@@ -121,7 +121,7 @@ def test_verify_passes_and_catches_a_changed_value(finished, tmp_path) -> None:
     torch.save(ckpt, copy / "best/model.pt.new")
     (copy / "best/model.pt").unlink()
     (copy / "best/model.pt.new").rename(copy / "best/model.pt")
-    from hpsearch.checkpoint import sha256_file
+    from hpsearch.files import sha256_file
 
     meta["sha256"] = sha256_file(copy / "best/model.pt")
     meta_path.write_text(json.dumps(meta))

@@ -14,9 +14,10 @@ import pytest
 from optuna.trial import TrialState
 from studyfiles import TINY, tiny, write_study
 
-from hpsearch.checkpoint import read_best_meta
+from hpsearch.checkpoint.study_best import read_best_meta
 from hpsearch.config import parse_config
-from hpsearch.storage import counted, fail_trial, open_storage, state_counts
+from hpsearch.storage.backends import open_storage
+from hpsearch.storage.trials import counted, fail_trial, state_counts
 
 POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"

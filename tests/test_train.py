@@ -11,11 +11,13 @@ import pytest
 import torch
 from studyfiles import TINY
 
-from hpsearch.checkpoint import load_checkpoint
+from hpsearch.checkpoint.format import load_checkpoint
 from hpsearch.config import parse_config
 from hpsearch.data import build
+from hpsearch.errors import Interrupted
+from hpsearch.results import ResultsLayout
 from hpsearch.space import TrialParams
-from hpsearch.train import Interrupted, NonFiniteError, Tracker, TrialEnv, run_trial
+from hpsearch.train import NonFiniteError, Tracker, TrialEnv, run_trial
 
 
 @pytest.mark.parametrize(
@@ -68,7 +70,7 @@ def dataset():
 
 def _env(tmp_path: Path, config, dataset) -> TrialEnv:
     return TrialEnv(config=config, dataset=dataset, device=torch.device("cpu"),
-                    results_dir=tmp_path, worker="test", log=lambda s: None)
+                    layout=ResultsLayout(tmp_path), worker="test", log=lambda s: None)
 
 
 def _params(**train) -> TrialParams:

@@ -1,4 +1,4 @@
-"""Sampler and pruner from the study file.
+"""The samplers and pruners a study file may name, and building them from it.
 
 ``optuna.load_study`` restores neither, so every process that asks for trials builds both here
 from the config; otherwise a worker would silently run unseeded TPE and the median pruner.
@@ -7,13 +7,28 @@ from the config; otherwise a worker would silently run unseeded TPE and the medi
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 
-from hpsearch.config import PrunerConfig, SamplerConfig
 
-_SAMPLERS = {
+class SamplerOptions(Protocol):
+    """``study.sampler`` as the config holds it."""
+
+    name: str
+    seed: int | None
+    model_extra: dict[str, Any] | None
+
+
+class PrunerOptions(Protocol):
+    """``study.pruner`` as the config holds it."""
+
+    name: str
+    wrapped: PrunerOptions | None
+    model_extra: dict[str, Any] | None
+
+
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
     "cmaes": optuna.samplers.CmaEsSampler,
@@ -24,7 +39,7 @@ _SAMPLERS = {
     "nsgaii": optuna.samplers.NSGAIISampler,
 }
 
-_PRUNERS = {
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
     "median": optuna.pruners.MedianPruner,
     "percentile": optuna.pruners.PercentilePruner,
     "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
@@ -42,7 +57,7 @@ _PRUNERS = {
 TPE_DEFAULTS = {"multivariate": True, "group": True, "constant_liar": True}
 
 
-def build_sampler(cfg: SamplerConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+def build_sampler(cfg: SamplerOptions, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """Build the sampler; ``seed_offset`` keeps parallel workers from drawing the same points.
 
     Raises:
@@ -55,18 +70,18 @@ def build_sampler(cfg: SamplerConfig, seed_offset: int = 0) -> optuna.samplers.B
             # multivariate and group are marked experimental; they are the defaults here.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if cfg.seed is not None:
-                kwargs["seed"] = cfg.seed + seed_offset
+                kwargs["seed"] = (cfg.seed + seed_offset) % 2**32  # numpy takes 32-bit seeds
             return optuna.samplers.TPESampler(**kwargs)
     if cfg.seed is not None:
-        kwargs["seed"] = cfg.seed + seed_offset
-    return _SAMPLERS[cfg.name](**kwargs)
+        kwargs["seed"] = (cfg.seed + seed_offset) % 2**32  # numpy takes 32-bit seeds
+    return SAMPLERS[cfg.name](**kwargs)
 
 
-def build_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
+def build_pruner(cfg: PrunerOptions) -> optuna.pruners.BasePruner:
     """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``."""
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
     if cfg.name == "patient":
         kwargs["wrapped_pruner"] = build_pruner(cfg.wrapped) if cfg.wrapped else None
     elif cfg.wrapped is not None:
         raise ValueError("wrapped: only the patient pruner wraps another")
-    return _PRUNERS[cfg.name](**kwargs)
+    return PRUNERS[cfg.name](**kwargs)

@@ -7,7 +7,7 @@ import warnings
 import optuna
 
 from hpsearch.config import PrunerConfig, SamplerConfig
-from hpsearch.strategy import build_pruner, build_sampler
+from hpsearch.samplers import build_pruner, build_sampler
 
 
 def test_tpe_defaults_suit_a_conditional_space_and_parallel_workers() -> None:

@@ -1,74 +1,57 @@
-"""What the study keeps after each trial: the global best and a bounded set of checkpoints.
+"""Bounded disk: which finished trials keep their checkpoints, and deleting the others.
 
-Runs in the worker that finished the trial, under a lock, so parallel workers never leave the
-study best at the worse trial and never delete a checkpoint another worker just protected.
+Runs in the worker that finished the trial, under a lock, so parallel workers never delete a
+checkpoint another worker just protected.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch.checkpoint import (
-    LAST,
-    TrialFiles,
-    atomic_write_json,
-    file_lock,
-    read_best_meta,
-    select_kept,
-    update_study_best,
-)
+from hpsearch.checkpoint.trial_files import TrialFiles
 from hpsearch.config import StudyConfig
-from hpsearch.storage import TrialIndex
-
-HOLDERS = ".hpsearch/with-checkpoints.json"
-
-
-def best_meta(trial: FrozenTrial, config: StudyConfig) -> dict[str, Any]:
-    return {
-        "trial": trial.number,
-        "value": trial.value,
-        "metric": config.study.metric,
-        "direction": config.study.direction,
-        "architecture": trial.params.get("architecture"),
-        "params": trial.params,
-        "best_epoch": trial.user_attrs.get("best_epoch"),
-        "checkpoint": trial.user_attrs.get("checkpoint"),
-        "study": config.study.name,
-        # A resumed trial's best epoch may predate the break: its file names the trial it
-        # was written by, one of these.
-        "lineage": [*trial.system_attrs.get("retry_history", []), trial.number],
-    }
+from hpsearch.files import atomic_write_json, file_lock
+from hpsearch.ranking import architecture_of, complete_value, pruned_value, rank_key
+from hpsearch.results import ResultsLayout
+from hpsearch.storage.trials import TrialIndex
 
 
-def offer_best(results_dir: Path, trial: FrozenTrial, config: StudyConfig) -> bool:
-    """Make a COMPLETE trial the study best if it beats the current one."""
-    rel = trial.user_attrs.get("checkpoint")
-    if trial.state != TrialState.COMPLETE or not rel or trial.value is None:
-        return False
-    return update_study_best(
-        results_dir, results_dir / rel, best_meta(trial, config), config.minimize
-    )
+def select_kept(
+    trials: Iterable[tuple[int, float, str]],
+    keep_top_k_trials: int,
+    minimize: bool,
+    pruned: Iterable[tuple[int, float, str]] = (),
+) -> set[int]:
+    """Which finished trials keep their checkpoints.
 
+    Args:
+        trials: (number, value, architecture) of every COMPLETE trial.
+        keep_top_k_trials: How many of the best trials to keep.
+        minimize: The study's direction.
+        pruned: (number, best value, architecture) of PRUNED trials.
 
-def reconcile_best(study: optuna.Study, results_dir: Path, config: StudyConfig) -> bool:
-    """Repair the study best after a crash between a trial's completion and its offer."""
-    try:
-        best = study.best_trial
-    except ValueError:
-        return False
-    current = read_best_meta(results_dir)
-    if current is not None and current.get("trial") == best.number:
-        return False
-    rel = best.user_attrs.get("checkpoint")
-    if not rel or not (results_dir / rel).exists():
-        return False
-    return offer_best(results_dir, best, config)
+    Returns:
+        The top-k trial numbers, plus each architecture's best (the report evaluates those):
+        its best complete trial, or its best pruned one when none completed.
+    """
+    def ranked(rows: Iterable[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+        finite = [t for t in rows if t[1] is not None and math.isfinite(t[1])]
+        return sorted(finite, key=lambda t: rank_key(t[1], t[0], minimize))
+
+    complete = ranked(trials)
+    kept = {t[0] for t in complete[:keep_top_k_trials]}
+    seen: set[str] = set()
+    for number, _, arch in complete + ranked(pruned):
+        if arch not in seen:
+            seen.add(arch)
+            kept.add(number)
+    return kept
 
 
 Row = tuple[int, float, str]  # (number, value, architecture), as select_kept takes them
@@ -86,13 +69,12 @@ class Retention:
         self.config = config
         # Its own index: ``update`` hands each newly finished trial to one reader only.
         self.index = TrialIndex()
-        self._sign = 1.0 if config.minimize else -1.0
         self._top: list[Row] = []
         self._best_complete: dict[str, Row] = {}
         self._best_pruned: dict[str, Row] = {}
 
     def _rank(self, row: Row) -> tuple[float, int]:
-        return self._sign * row[1], row[0]
+        return rank_key(row[1], row[0], self.config.minimize)
 
     def _better(self, table: dict[str, Row], row: Row) -> None:
         current = table.get(row[2])
@@ -100,16 +82,11 @@ class Retention:
             table[row[2]] = row
 
     def _take(self, t: FrozenTrial) -> None:
-        arch = str(t.params.get("architecture"))
-        if t.state == TrialState.COMPLETE:
-            value = t.value
-        elif t.state == TrialState.PRUNED:
-            value = t.user_attrs.get("best_value")
-        else:
+        arch = str(architecture_of(t))
+        value = complete_value(t) if t.state == TrialState.COMPLETE else pruned_value(t)
+        if value is None:
             return
-        if value is None or not math.isfinite(value):
-            return
-        row = (t.number, float(value), arch)
+        row = (t.number, value, arch)
         if t.state == TrialState.PRUNED:
             self._better(self._best_pruned, row)
             return
@@ -123,7 +100,8 @@ class Retention:
         return select_kept(complete.values(), self.config.checkpoint.keep_top_k_trials,
                            self.config.minimize, self._best_pruned.values())
 
-    def apply(self, study: optuna.Study, results_dir: Path, finished: int) -> list[int]:
+    def apply(self, study: optuna.Study, results: ResultsLayout | Path,
+              finished: int) -> list[int]:
         """Delete what is no longer kept, under the study's retention lock.
 
         Args:
@@ -132,8 +110,9 @@ class Retention:
         Returns:
             The trial numbers whose checkpoints were deleted.
         """
-        holders_path = results_dir / HOLDERS
-        with file_lock(results_dir / ".hpsearch" / "retention.lock"):
+        layout = ResultsLayout.at(results)
+        holders_path = layout.checkpoint_holders
+        with file_lock(layout.lock("retention")):
             try:
                 holders = set(json.loads(holders_path.read_text()))
             except FileNotFoundError:
@@ -149,7 +128,7 @@ class Retention:
                 # A failed trial awaiting its resume keeps its files: the retry adopts them.
                 if number in kept or number in self.index.retried:
                     continue
-                folder = results_dir / "trials" / str(number)
+                folder = layout.trial(number)
                 if folder.exists():
                     TrialFiles(folder, "", "", 1).delete_all()
                 holders.discard(number)
@@ -158,6 +137,6 @@ class Retention:
         return deleted
 
 
-def discard_resume_state(results_dir: Path, number: int) -> None:
-    (results_dir / "trials" / str(number) / LAST).unlink(missing_ok=True)
+def discard_resume_state(layout: ResultsLayout, number: int) -> None:
+    layout.resume_state(number).unlink(missing_ok=True)
 

@@ -7,13 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from hpsearch.checkpoint import load_checkpoint
+from hpsearch.checkpoint.format import load_checkpoint
 from hpsearch.models import build_model
 
 
-def load_model(path: str | Path, map_location: Any = None) -> nn.Module:
+def load_model(path: str | Path, map_location: Any = None,
+               results_root: str | Path = "results") -> nn.Module:
     """Rebuild the model of any hpsearch checkpoint file, in eval mode, with its weights."""
-    ckpt = load_checkpoint(path, map_location=map_location)
+    ckpt = load_checkpoint(path, map_location=map_location, results_root=results_root)
     meta = ckpt["model"]
     model = build_model(
         meta["architecture"],
@@ -28,14 +29,16 @@ def load_model(path: str | Path, map_location: Any = None) -> nn.Module:
     return model.eval()
 
 
-def load_best_model(path: str | Path, map_location: Any = None) -> nn.Module:
+def load_best_model(path: str | Path, map_location: Any = None,
+                    results_root: str | Path = "results") -> nn.Module:
     """The study-best model, rebuilt, in eval mode.
 
     Args:
         path: A study's results folder (``results/<study>``) or its study file.
         map_location: Device for the weights, as for ``torch.load``.
+        results_root: Where a study file's results are (the run's ``--results-dir``).
 
     Raises:
         CheckpointError: No study best yet, or its file is missing or corrupt.
     """
-    return load_model(path, map_location=map_location)
+    return load_model(path, map_location=map_location, results_root=results_root)

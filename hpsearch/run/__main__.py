@@ -1,16 +1,21 @@
 """``python -m hpsearch.run STUDY.yaml [flags]``: run or continue a study.
 
 Parses arguments, loads the study file, applies the flags, and hands over to
-:func:`hpsearch.launch.run_study`. A malformed study file or flag exits 2 with one message.
+:func:`hpsearch.run.run_study`. A malformed study file or flag exits 2 with one message.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
-from hpsearch.config import ConfigError, StudyConfig, load_config, parse_config
+import optuna
+
+from hpsearch.config import StudyConfig, load_config, parse_config
+from hpsearch.errors import run_cli
+from hpsearch.run.runner import run_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,24 +55,22 @@ def apply_overrides(config: StudyConfig, args: argparse.Namespace, source: str) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import optuna
-
     # hpsearch prints its own progress; Optuna's per-trial INFO lines would drown it.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        config = load_config(args.study_file)
-        config = apply_overrides(config, args, args.study_file)
-        from hpsearch.launch import run_study
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "hpsearch.run", *words])
 
-        result = run_study(config, args.results_dir, source=args.study_file)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    def body() -> int:
+        config = apply_overrides(load_config(args.study_file), args, args.study_file)
+        return run_study(config, args.results_dir, source=args.study_file,
+                         command=command).exit_code
+
+    try:
+        return run_cli(body)
     except KeyboardInterrupt:
         # Ctrl-C before the workers started: nothing to save.
         print("interrupted before the study started", file=sys.stderr)
         return 130
-    return result.exit_code
 
 
 if __name__ == "__main__":

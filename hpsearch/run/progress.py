@@ -9,14 +9,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 import optuna
-from optuna.trial import TrialState
 
+from hpsearch import attrs
 from hpsearch.config import StudyConfig
-from hpsearch.storage import state_counts
+from hpsearch.ranking import architecture_of, best_trial
+from hpsearch.results import ResultsLayout
+from hpsearch.storage.trials import state_counts
 
 
 @dataclass
@@ -33,12 +34,8 @@ class View:
 def snapshot(study: optuna.Study, config: StudyConfig, workers: list[dict[str, Any]]) -> View:
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = None
-    if complete:
-        pick = min if config.minimize else max
-        b = pick(complete, key=lambda t: t.value)
-        best = (b.number, float(b.value), str(b.params.get("architecture")))
+    b = best_trial(trials, config.minimize)
+    best = None if b is None else (b.number, float(b.value), str(architecture_of(b)))
     return View(
         complete=counts["COMPLETE"],
         pruned=counts["PRUNED"],
@@ -105,7 +102,7 @@ class Printer:
         self.stream.flush()
 
 
-def summary(study: optuna.Study, config: StudyConfig, results_dir: Path) -> str:
+def summary(study: optuna.Study, config: StudyConfig, layout: ResultsLayout) -> str:
     """The closing text: trials by state, the best trial, where it is, how to use it."""
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(trials)
@@ -116,20 +113,21 @@ def summary(study: optuna.Study, config: StudyConfig, results_dir: Path) -> str:
         + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
         + (f", {counts['WAITING']} waiting" if counts["WAITING"] else "")
     ]
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(trials, config.minimize)
+    if best is None:
         out.append("No trial completed yet: there is no best model.")
         return "\n".join(out)
-    params = {k: v for k, v in best.params.items() if k != "architecture"}
-    out += [
+    params = {k: v for k, v in best.params.items() if k != attrs.ARCHITECTURE}
+    out.append(
         f"Best trial {best.number}: {config.study.metric}={best.value:.4f} "
-        f"(epoch {best.user_attrs.get('best_epoch')}), "
-        f"architecture {best.params.get('architecture')}",
-        "  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()),
-    ]
-    if (results_dir / "best" / "model.pt").exists():
-        out.append(f"  checkpoint: {results_dir / 'best' / 'model.pt'}")
+        f"(epoch {best.user_attrs.get(attrs.BEST_EPOCH)}), "
+        f"architecture {architecture_of(best)}"
+    )
+    if params:
+        out.append("  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+    results_dir = layout.root
+    if layout.best_model.exists():
+        out.append(f"  checkpoint: {layout.best_model}")
         out.append(
             f'  load it:   python -c "import hpsearch; '
             f"print(hpsearch.load_best_model('{results_dir}'))\""

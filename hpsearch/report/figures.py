@@ -1,6 +1,6 @@
 """Report data -> plotly figures; drawing only.
 
-Every function here takes data computed by :mod:`hpsearch.report` and returns a
+Every function here takes data computed by :mod:`hpsearch.report.compute` and returns a
 ``plotly.graph_objects.Figure``; none of them reads a study. :func:`draw_figures` draws the
 report's figures in page order, as :class:`FigureSection` entries that carry a note instead of a
 figure when there is nothing to draw.
@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-if TYPE_CHECKING:
-    # Type names only: report imports this module to draw, so a runtime import would cycle.
-    from hpsearch.report import (
-        Importances,
-        IntermediateCurve,
-        LearningCurve,
-        OptimizationHistory,
-        ParallelCoordinates,
-        ReportData,
-        Timeline,
-        ValuePoints,
-    )
+from hpsearch.report.data import (
+    Importances,
+    IntermediateCurve,
+    LearningCurve,
+    OptimizationHistory,
+    ParallelCoordinates,
+    ReportData,
+    Timeline,
+    ValuePoints,
+)
 
 __all__ = [
     "FigureSection",
@@ -69,7 +67,7 @@ def draw_figures(data: ReportData) -> list[FigureSection]:
     """Draw every figure of the report, in page order.
 
     Args:
-        data: Report data from :func:`hpsearch.report.compute_report`.
+        data: Report data from :func:`hpsearch.report.compute.compute_report`.
 
     Returns:
         One section per figure; a section whose figure cannot be drawn carries a note instead.

@@ -37,21 +37,18 @@ from optuna.artifacts import ArtifactMeta, Boto3ArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
-from hpsearch.checkpoint import TMP_PREFIX, file_lock, read_best_meta
+from hpsearch import attrs
+from hpsearch.checkpoint.study_best import read_best_meta
 from hpsearch.config import StudyConfig
+from hpsearch.files import TMP_PREFIX, file_lock
+from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, ArtifactStore, storage_of, study_id
+from hpsearch.results import ResultsLayout
 
 if TYPE_CHECKING:
-    from optuna.artifacts._protocol import ArtifactStore
     from optuna.storages import BaseStorage
 
 # ``.pt`` would otherwise be guessed as a SNES page table.
 MIMETYPE = "application/octet-stream"
-TRIAL_ATTR = "checkpoint_artifact"
-BEST_ATTR = "best_checkpoint_artifact"
-BEST_TRIAL_ATTR = "best_checkpoint_trial"
-# Optuna keeps each artifact's meta under this system-attribute prefix (optuna.artifacts).
-OPTUNA_ARTIFACT_PREFIX = "artifacts:"
-RETIRED_PREFIX = "hpsearch:retired_artifact:"
 _BEST_NAMESPACE = uuid.UUID("6f1c2d0e-8a4b-4c1e-9a53-3f0d6c2b7e11")
 
 
@@ -138,12 +135,13 @@ def _backing_file(body: IO[bytes]) -> str | None:
     return name if same and stat.S_ISREG(opened.st_mode) else None
 
 
-def open_artifact_store(config: StudyConfig, results_dir: Path) -> ArtifactStore | None:
+def open_artifact_store(config: StudyConfig, results: ResultsLayout | Path
+                        ) -> ArtifactStore | None:
     """The study's artifact store, or None when ``artifacts.store`` is ``none``.
 
     Args:
         config: The study.
-        results_dir: The study's results folder (``<results>/<study name>``).
+        results: The study's results folder (``<results>/<study name>``).
     """
     section = config.artifacts
     if section.store == "none":
@@ -154,7 +152,8 @@ def open_artifact_store(config: StudyConfig, results_dir: Path) -> ArtifactStore
         client = boto3.client("s3", endpoint_url=section.endpoint_url)
         # avoid_buf_copy: stream the file instead of buffering a whole checkpoint in memory.
         return Boto3ArtifactStore(section.bucket or "", client=client, avoid_buf_copy=True)
-    return LinkingArtifactStore(Path(section.path) if section.path else results_dir / "artifacts")
+    folder = Path(section.path) if section.path else ResultsLayout.at(results).artifacts
+    return LinkingArtifactStore(folder)
 
 
 # ---------------------------------------------------------------- trials
@@ -169,7 +168,7 @@ def publish_trial_checkpoint(store: ArtifactStore, trial: optuna.Trial, path: Pa
     artifact_id = upload_artifact(
         artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype=MIMETYPE
     )
-    trial.set_user_attr(TRIAL_ATTR, artifact_id)
+    trial.set_user_attr(attrs.CHECKPOINT_ARTIFACT, artifact_id)
     return artifact_id
 
 
@@ -184,23 +183,23 @@ def retire_trial_checkpoint(
     Returns:
         The retired artifact id, or None when the trial published none.
     """
-    artifact_id = trial.user_attrs.get(TRIAL_ATTR)
+    artifact_id = trial.user_attrs.get(attrs.CHECKPOINT_ARTIFACT)
     if not artifact_id:
         return None
-    study._storage.set_study_system_attr(
-        study._study_id, RETIRED_PREFIX + artifact_id, trial.number
+    storage_of(study).set_study_system_attr(
+        study_id(study), attrs.RETIRED_ARTIFACT_PREFIX + artifact_id, trial.number
     )
     with contextlib.suppress(ArtifactNotFound):
         store.remove(artifact_id)
     return artifact_id
 
 
-def retired_artifacts(storage: BaseStorage, study_id: int) -> dict[str, int]:
+def retired_artifacts(storage: BaseStorage, study_number: int) -> dict[str, int]:
     """Retired artifact ids of a study, each with the trial number it belonged to."""
     return {
-        key.removeprefix(RETIRED_PREFIX): int(number)
-        for key, number in storage.get_study_system_attrs(study_id).items()
-        if key.startswith(RETIRED_PREFIX)
+        key.removeprefix(attrs.RETIRED_ARTIFACT_PREFIX): int(number)
+        for key, number in storage.get_study_system_attrs(study_number).items()
+        if key.startswith(attrs.RETIRED_ARTIFACT_PREFIX)
     }
 
 
@@ -212,22 +211,23 @@ def best_artifact_id(study: optuna.Study) -> str:
 
     The first trial's start time tells apart studies that share a name (and a bucket).
     """
-    storage, study_id = study._storage, study._study_id
+    storage, sid = storage_of(study), study_id(study)
     try:
-        first = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, 0))
+        first = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(sid, 0))
         started = first.datetime_start.isoformat() if first.datetime_start else ""
     except KeyError:
         started = ""
-    return str(uuid.uuid5(_BEST_NAMESPACE, f"{study.study_name}\0{study_id}\0{started}"))
+    return str(uuid.uuid5(_BEST_NAMESPACE, f"{study.study_name}\0{sid}\0{started}"))
 
 
 def _trial(study: optuna.Study, number: int) -> FrozenTrial:
-    storage = study._storage
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    return storage.get_trial(trial_id)
+    storage = storage_of(study)
+    return storage.get_trial(
+        storage.get_trial_id_from_study_id_trial_number(study_id(study), number)
+    )
 
 
-def _best_source(study: optuna.Study, results_dir: Path) -> tuple[FrozenTrial, Path] | None:
+def _best_source(study: optuna.Study, layout: ResultsLayout) -> tuple[FrozenTrial, Path] | None:
     """The study's best trial and a local file of its checkpoint (which may not exist).
 
     Prefers ``best/``, hpsearch's own choice among equal values; falls back to Optuna's best
@@ -237,16 +237,16 @@ def _best_source(study: optuna.Study, results_dir: Path) -> tuple[FrozenTrial, P
         best = study.best_trial
     except ValueError:
         return None
-    stage = (results_dir / "best").resolve()
-    local = read_best_meta(results_dir) if stage.is_dir() else None
+    stage = layout.best.resolve()
+    local = read_best_meta(layout) if stage.is_dir() else None
     if local is not None and local.get("value") == best.value and local.get("trial") is not None:
         return _trial(study, int(local["trial"])), stage / "model.pt"
-    rel = best.user_attrs.get("checkpoint")
-    return best, (results_dir / rel if rel else results_dir / "best" / "model.pt")
+    rel = best.user_attrs.get(attrs.CHECKPOINT)
+    return best, (layout.root / rel if rel else layout.best_model)
 
 
 def publish_study_best(
-    store: ArtifactStore, study: optuna.Study, results_dir: Path
+    store: ArtifactStore, study: optuna.Study, results: ResultsLayout | Path
 ) -> str | None:
     """Point the study's best-checkpoint artifact at the current best trial's checkpoint.
 
@@ -261,24 +261,27 @@ def publish_study_best(
     Returns:
         The study best's artifact id, or None when there is no best checkpoint yet.
     """
-    with file_lock(results_dir / ".hpsearch" / "artifacts.lock"):
-        source = _best_source(study, results_dir)
+    layout = ResultsLayout.at(results)
+    with file_lock(layout.lock("artifacts")):
+        source = _best_source(study, layout)
         if source is None:
             return None
         trial, path = source
         artifact_id = best_artifact_id(study)
-        attrs = study.user_attrs
-        if attrs.get(BEST_ATTR) == artifact_id and attrs.get(BEST_TRIAL_ATTR) == trial.number:
+        recorded = study.user_attrs
+        if (recorded.get(attrs.STUDY_BEST_ARTIFACT) == artifact_id
+                and recorded.get(attrs.STUDY_BEST_TRIAL) == trial.number):
             return artifact_id
-        if not _copy_into(store, artifact_id, path, trial.user_attrs.get(TRIAL_ATTR)):
+        source_id = trial.user_attrs.get(attrs.CHECKPOINT_ARTIFACT)
+        if not _copy_into(store, artifact_id, path, source_id):
             return None
-        name = Path(str(trial.user_attrs.get("checkpoint") or "model.pt")).name
+        name = Path(str(trial.user_attrs.get(attrs.CHECKPOINT) or "model.pt")).name
         meta = ArtifactMeta(artifact_id, f"best-trial{trial.number}-{name}", MIMETYPE, None)
-        study._storage.set_study_system_attr(
-            study._study_id, OPTUNA_ARTIFACT_PREFIX + artifact_id, json.dumps(asdict(meta))
+        storage_of(study).set_study_system_attr(
+            study_id(study), ARTIFACT_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
         )
-        study.set_user_attr(BEST_ATTR, artifact_id)
-        study.set_user_attr(BEST_TRIAL_ATTR, trial.number)
+        study.set_user_attr(attrs.STUDY_BEST_ARTIFACT, artifact_id)
+        study.set_user_attr(attrs.STUDY_BEST_TRIAL, trial.number)
         return artifact_id
 
 

@@ -1,21 +1,21 @@
 """Report data -> ``report.html``, ``report.md``, ``architectures.csv`` and ``trials.csv``.
 
-Everything here reads a :class:`hpsearch.report.ReportData` and nothing else: the tables are
-built once as display strings (:func:`architecture_table`, :func:`seed_table`) and shared by
-the HTML and Markdown renderings; the figures come from :mod:`hpsearch.report_figures`.
-:func:`write_report` renders all four files in memory and then moves each into place
-atomically.
+Everything here reads a :class:`~hpsearch.report.data.ReportData` and nothing else: the tables
+are built once as display strings (:func:`architecture_table`, :func:`seed_table`) and shared by
+the HTML and Markdown renderings; the figures come from :mod:`hpsearch.report.figures`.
+:func:`write_report` renders all four files in memory, then writes each atomically with
+:func:`hpsearch.files.atomic_write_text` (so they get the umask's permissions, like any file a
+team shares) under the names :data:`hpsearch.results.REPORT_FILES` gives them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +25,8 @@ import optuna
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from hpsearch import report_figures
-from hpsearch.report import (
+from hpsearch.files import TMP_PREFIX, atomic_write_text, write_error
+from hpsearch.report.data import (
     DASH,
     GAP_RULE,
     GapVerdict,
@@ -35,27 +35,20 @@ from hpsearch.report import (
     fmt_ci,
     fmt_num,
 )
+from hpsearch.report.figures import FigureSection, draw_figures
+from hpsearch.results import REPORT_FILES, ResultsLayout
 
 __all__ = [
-    "REPORT_FILES",
-    "ReportWriteError",
     "Table",
     "architecture_table",
     "architectures_csv",
     "render_html",
     "render_markdown",
+    "render_report",
     "seed_table",
     "trials_csv",
     "write_report",
 ]
-
-REPORT_FILES = {
-    "html": "report.html",
-    "markdown": "report.md",
-    "architectures_csv": "architectures.csv",
-    "trials_csv": "trials.csv",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Report data -> tables and text
@@ -67,7 +60,6 @@ class Table(NamedTuple):
 
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
-
 
 
 def _fmt_int(value: int | None) -> str:
@@ -84,7 +76,6 @@ def _fmt_seconds(seconds: float | None) -> str:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
-
 
 
 def _fmt_params(params: Mapping[str, Any]) -> str:
@@ -215,7 +206,8 @@ def render_markdown(data: ReportData) -> str:
     lines += [f"**Verdict ({data.gap.verdict}):** {data.gap.text}", ""]
     lines += ["## How these numbers are computed", ""]
     lines += [f"- {note}" for note in _method_notes(data)]
-    lines += ["", "Figures are in `report.html`; every trial is in `trials.csv`.", ""]
+    lines += ["", f"Figures are in `{REPORT_FILES['html']}`; every trial is in "
+              f"`{REPORT_FILES['trials_csv']}`.", ""]
     return "\n".join(lines)
 
 
@@ -347,7 +339,7 @@ ul.notes{color:#3e4c59;font-size:14px;padding-left:20px}
 """
 
 
-def render_html(data: ReportData, sections: Sequence[report_figures.FigureSection]) -> str:
+def render_html(data: ReportData, sections: Sequence[FigureSection]) -> str:
     """The whole report as one HTML page that works offline.
 
     plotly.js is inlined once in the page head; each figure is a div plus a short script, and
@@ -355,7 +347,7 @@ def render_html(data: ReportData, sections: Sequence[report_figures.FigureSectio
 
     Args:
         data: The report data.
-        sections: Figures drawn by :func:`hpsearch.report_figures.draw_figures`.
+        sections: Figures drawn by :func:`hpsearch.report.figures.draw_figures`.
 
     Returns:
         The page.
@@ -374,8 +366,9 @@ def render_html(data: ReportData, sections: Sequence[report_figures.FigureSectio
         f'<p class="sub">{esc(_summary_line(data))}</p>',
         '<nav><a href="#winner">Winner</a><a href="#architectures">Architectures</a>'
         '<a href="#seeds">Seeds</a><a href="#method">Method</a><a href="#figures">Figures</a>'
-        '<a href="report.md">report.md</a><a href="architectures.csv">architectures.csv</a>'
-        '<a href="trials.csv">trials.csv</a></nav>',
+        + "".join(f'<a href="{esc(name)}">{esc(name)}</a>' for kind, name in REPORT_FILES.items()
+                  if kind != "html")
+        + "</nav>",
         _winner_html(data),
         '<h2 id="architectures">Architectures</h2>',
         _html_table(architecture_table(data), leader=data.winner is not None),
@@ -447,7 +440,7 @@ def _html_table(table: Table, *, leader: bool, wrap_last: bool = False) -> str:
     )
 
 
-def _figure_html(section: report_figures.FigureSection) -> str:
+def _figure_html(section: FigureSection) -> str:
     esc = html.escape
     parts = [
         f'<section class="card figure" id="section-{esc(section.key)}">',
@@ -477,79 +470,64 @@ def _figure_html(section: report_figures.FigureSection) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class ReportWriteError(OSError):
-    """A report file could not be written; ``filename`` is the file's path."""
+def write_report(
+    data: ReportData, study: optuna.Study, results: ResultsLayout | str | Path
+) -> dict[str, Path]:
+    """Draw the figures and write the four report files into the study's results folder.
 
-
-def write_report(data: ReportData, study: optuna.Study, out_dir: Path) -> dict[str, Path]:
-    """Draw the figures and write the four report files into ``out_dir``.
-
-    Everything is rendered in memory first; each file is then written to a temporary file in
-    ``out_dir`` and moved into place with ``os.replace``, so a reader never sees half a file.
+    Everything is rendered in memory first; each file is then written atomically, so a reader
+    never sees half a file (a failed write leaves that file as it was).
 
     Args:
-        data: Report data from :func:`compute_report`.
+        data: Report data from :func:`hpsearch.report.compute.compute_report`.
         study: The study ``data`` was computed from; checked by name so that a report is never
             written with another study's data.
-        out_dir: The study's results folder, created if missing.
+        results: The study's results folder (or its layout), created if missing.
 
     Returns:
         ``{"html", "markdown", "architectures_csv", "trials_csv"}`` -> path written.
 
     Raises:
         ValueError: If ``data`` was computed from another study.
-        ReportWriteError: If a file cannot be written; its message names the path.
+        FileWriteError: If the folder or a file cannot be written; its message and
+            ``filename`` name the path.
     """
     if study.study_name != data.study_name:
         raise ValueError(
             f"report data is for study {data.study_name!r}, not {study.study_name!r}"
         )
-    out_dir = Path(out_dir)
-    sections = report_figures.draw_figures(data)
+    layout = ResultsLayout.at(results)
+    contents = render_report(data)
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(layout.root, err) from err
+    _remove_stale_temporaries(layout)
+    written = {}
+    for kind, text in contents.items():
+        path = layout.report_file(kind)
+        atomic_write_text(path, text)
+        written[kind] = path
+    return written
+
+
+def render_report(data: ReportData) -> dict[str, str]:
+    """Every report file's text, keyed as :data:`hpsearch.results.REPORT_FILES`."""
     contents = {
-        "html": render_html(data, sections),
+        "html": render_html(data, draw_figures(data)),
         "markdown": render_markdown(data),
         "architectures_csv": architectures_csv(data),
         "trials_csv": trials_csv(data),
     }
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ReportWriteError(
-            exc.errno, f"cannot create report folder: {exc.strerror or exc}", str(out_dir)
-        ) from exc
-    _remove_stale_temporaries(out_dir)
-    written = {}
-    for key, text in contents.items():
-        path = out_dir / REPORT_FILES[key]
-        _atomic_write_text(path, text)
-        written[key] = path
-    return written
+    assert contents.keys() == REPORT_FILES.keys()
+    return contents
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    # A crash between write and replace leaves a temporary behind; only ours are removed.
-    for name in REPORT_FILES.values():
-        for stale in out_dir.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp_name: str | None = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-        raise ReportWriteError(
-            exc.errno, f"cannot write report file: {exc.strerror or exc}", str(path)
-        ) from exc
+def _remove_stale_temporaries(layout: ResultsLayout) -> None:
+    # A crash between write and replace leaves a temporary behind; only those a report file's
+    # write would leave (same folder, same suffix) are removed.
+    suffixes = {Path(name).suffix for name in REPORT_FILES.values()}
+    for stale in layout.root.glob(f"{TMP_PREFIX}*"):
+        if stale.suffix in suffixes and stale.is_file():
+            with contextlib.suppress(OSError):
+                stale.unlink()

@@ -1,0 +1,79 @@
+"""Every use of Optuna's private API, in one module, so an Optuna upgrade touches one file.
+
+hpsearch needs a few things Optuna's public API does not offer: failing and requeueing a trial
+from outside its objective (the parent fails a dead worker's trial), reading a live trial's
+system attributes, recording RDB heartbeats by hand, study ids for the dashboard's links, the
+journal's lock interface, and the artifact store protocol. Each is wrapped here under a name
+that says what it does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import BaseStorage
+from optuna.storages.journal._file import BaseJournalFileLock
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial
+
+__all__ = [
+    "ARTIFACT_ATTR_PREFIX",
+    "ArtifactStore",
+    "BaseJournalFileLock",
+    "frozen",
+    "record_heartbeat",
+    "storage_of",
+    "study_id",
+    "summary_id",
+    "tell",
+    "trial_id",
+]
+
+# Optuna records an artifact's meta as a study/trial system attribute under this prefix.
+ARTIFACT_ATTR_PREFIX = "artifacts:"
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def summary_id(study: FrozenStudy) -> int:
+    """The id of a study listed by ``storage.get_all_studies()``."""
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def frozen(trial: optuna.Trial) -> FrozenTrial:
+    """The stored view of a live trial (Optuna 5's live Trial has no system attrs)."""
+    return trial.study._storage.get_trial(trial._trial_id)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -> bool:
+    """``study.tell`` from outside ``study.optimize``; returns whether the sampler reported its
+    search space exhausted.
+
+    The grid and brute-force samplers end a search by calling ``study.stop()`` from
+    ``after_trial``, which Optuna allows only inside ``optimize`` and otherwise raises as a
+    RuntimeError, after the trial's state was stored.
+    """
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+        return True
+    return False
+
+
+def record_heartbeat(storage: Any, trial: optuna.Trial) -> None:
+    """Beat an RDB trial's heartbeat by hand (workers do not run ``study.optimize``)."""
+    storage.record_heartbeat(trial._trial_id)

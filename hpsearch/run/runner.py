@@ -1,0 +1,292 @@
+"""One run of a study, step by step: check, prepare, open, heal, supervise, settle, report.
+
+Everything that can be wrong with the study file is checked before the results folder is
+touched. A rerun of the same command continues the same study: stale trials of a run that
+died are failed and resumed, and the study goes on to its ``n_trials`` total. Ctrl-C and
+SIGTERM are handled from the workers' start to the end of the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from hpsearch import attrs, data, metrics
+from hpsearch.checkpoint.artifacts import open_artifact_store, publish_study_best
+from hpsearch.checkpoint.study_best import reconcile_best
+from hpsearch.config import StudyConfig
+from hpsearch.errors import EXIT_FAILED, EXIT_OK, ConfigError, HpsearchError, Interrupted
+from hpsearch.files import atomic_torch_save, clean_stale_temporaries
+from hpsearch.report import build_report
+from hpsearch.results import ResultsLayout, save_config_copy
+from hpsearch.run.progress import Printer, snapshot, summary
+from hpsearch.run.signals import StopSignals
+from hpsearch.samplers import build_pruner, build_sampler
+from hpsearch.storage.backends import open_storage, storage_url
+from hpsearch.storage.liveness import recover_stale
+from hpsearch.workers.slots import Slot, plan_slots, start_method
+from hpsearch.workers.supervisor import Supervisor
+
+Event = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    results_dir: Path
+    study: optuna.Study | None = None
+
+
+def run_study(
+    config: StudyConfig,
+    results_root: str | Path = "results",
+    source: str = "",
+    printer: Printer | None = None,
+    handle_signals: bool = True,
+    command: str | None = None,
+) -> RunResult:
+    """Run (or continue) a study until ``n_trials`` trials are counted, then report.
+
+    Args:
+        config: The validated study.
+        results_root: Outputs go to ``results_root/<study name>/``.
+        source: The study file's path, for messages.
+        printer: Where progress goes (default: stdout).
+        handle_signals: Install the Ctrl-C / SIGTERM handlers (main thread only).
+        command: The command line that started the run, repeated in the resume hint.
+
+    Raises:
+        ConfigError: The study is inconsistent with its data, its devices, or a stored study.
+    """
+    slots = check_strategy(config, source)
+    dataset = load_dataset(config, source, ResultsLayout.of(config, results_root))
+    layout = ResultsLayout.of(config, results_root)
+    log = prepare_folder(config, layout, dataset)
+    printer = printer or Printer(config.study.metric)
+
+    def event(text: str) -> None:
+        log.info(text)
+        printer.message(text)
+
+    url = storage_url(config, layout)
+    study = open_run_study(config, url, source)
+    log.info("run started: %s, storage %s", source or config.study.name, url)
+    heal(study, layout, config, event)
+
+    deadline = time.time() + config.study.timeout if config.study.timeout else None
+    sup = Supervisor(config, layout, url, slots, deadline=deadline, on_event=event,
+                     dataset=dataset, prior_trials=len(study.get_trials(deepcopy=False)))
+    event(f"{len(slots)} worker(s), {sup.start_method}ed: "
+          + ", ".join(f"{s.device} ({s.threads} thread{'s' * (s.threads > 1)})" for s in slots))
+    stop = StopSignals(on_first=sup.request_stop, on_second=sup.kill_all, enabled=handle_signals)
+    with stop:
+        try:
+            supervise(sup, study, config, layout, printer, event, stop)
+        finally:
+            sup.shutdown()
+        settle(study, layout, config)
+        printer.show(snapshot(study, config, []))
+        exit_code = outcome(sup, layout, stop, event)
+        stopped_in_training = stop.stopping
+        if exit_code == EXIT_OK and config.report.enabled:
+            exit_code = write_report(config, study, layout, slots, stop, event)
+    event(summary(study, config, layout))
+    if stopped_in_training:
+        resume = command or f"python -m hpsearch.run {source or '<study file>'}"
+        event("interrupted: every finished trial and checkpoint is kept; running trials "
+              f"resume from their last epoch. Resume with: {resume}")
+    log.info("run ended with exit code %s", exit_code)
+    return RunResult(exit_code, layout.root, study)
+
+
+# ---------------------------------------------------------------- before anything is written
+
+
+def check_strategy(config: StudyConfig, source: str) -> list[Slot]:
+    """Build the sampler and pruner once, and plan the slots, so bad arguments fail before
+    any work. Returns the slots."""
+    for key, build in (("study.sampler", lambda: build_sampler(config.study.sampler)),
+                       ("study.pruner", lambda: build_pruner(config.study.pruner))):
+        try:
+            build()
+        except Exception as err:  # whatever Optuna raises for bad arguments is the user's
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(source, key, f"{type(err).__name__}: {first}") from None
+    slots = plan_slots(config.resources)
+    check_devices(slots, source)
+    try:
+        start_method(config.resources, slots)
+    except ValueError as err:
+        raise ConfigError(source, "resources.start_method", str(err)) from None
+    return slots
+
+
+def check_devices(slots: list[Slot], source: str) -> None:
+    """Every CUDA device a slot names must exist here."""
+    for device in sorted({s.device for s in slots}):
+        if not device.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            why = ("this torch is not compiled with CUDA" if torch.version.cuda is None
+                   else "torch.cuda sees no device")
+            raise ConfigError(source, "resources.devices",
+                              f"{device}: CUDA is not available ({why})")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(source, "resources.devices",
+                              f"{device}: no such device; torch.cuda sees "
+                              f"{torch.cuda.device_count()} (cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1})")
+
+
+def load_dataset(config: StudyConfig, source: str, layout: ResultsLayout) -> data.Dataset:
+    """Build (or read the cached) dataset and check the monitored metrics exist for it."""
+    try:
+        dataset = data.load(config.data, layout.data_cache)
+    except Exception as err:
+        raise ConfigError(source, "data", f"cannot build the dataset: {err}") from None
+    available = metrics.monitorable(dataset.task)
+    for key, name in (("study.metric", config.study.metric),
+                      ("checkpoint.monitor", config.checkpoint.monitor)):
+        if name not in available:
+            raise ConfigError(source, key, f"{name!r} is not computed for this "
+                              f"{dataset.task} dataset; available: {', '.join(available)}")
+    return dataset
+
+
+# ---------------------------------------------------------------- the results folder
+
+
+def prepare_folder(config: StudyConfig, layout: ResultsLayout,
+                   dataset: data.Dataset) -> logging.Logger:
+    """Create the folder, clear what a crash or the last run left, write the data cache and
+    the config copy. Returns the run's logger (``run.log``)."""
+    cached = data.cache_path(config.data, layout.data_cache).exists()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    removed = clean_stale_temporaries(layout.root)
+    layout.control.mkdir(exist_ok=True)
+    layout.stop_file.unlink(missing_ok=True)
+    layout.abort_file.unlink(missing_ok=True)
+    log = _run_logger(layout)
+    if removed:
+        log.info("removed %d temporary file(s) left by an earlier crash", removed)
+    if not cached and dataset.splits is not None:
+        # Generated once per study; workers read this file instead of regenerating.
+        atomic_torch_save(data.to_payload(dataset),
+                          data.cache_path(config.data, layout.data_cache))
+    save_config_copy(config, layout)
+    return log
+
+
+def _run_logger(layout: ResultsLayout) -> logging.Logger:
+    log = logging.getLogger(f"hpsearch.run.{layout.root}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(layout.run_log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+# ---------------------------------------------------------------- the study
+
+
+def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
+    """Create or load the study; enqueue the study file's trials once per study."""
+    study = optuna.create_study(
+        study_name=config.study.name,
+        storage=open_storage(url, config),
+        direction=config.study.direction,
+        sampler=build_sampler(config.study.sampler),
+        pruner=build_pruner(config.study.pruner),
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != config.study.direction:
+        raise ConfigError(source, "study.direction", f"the stored study {config.study.name!r} "
+                          f"is {study.direction.name.lower()}; it cannot change")
+    if not study.user_attrs.get(attrs.STUDY_ENQUEUED):
+        for params in config.study.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+        study.set_user_attr(attrs.STUDY_ENQUEUED, True)
+        study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
+    return study
+
+
+def heal(study: optuna.Study, layout: ResultsLayout, config: StudyConfig, event: Event) -> None:
+    """Resume what a run that died left RUNNING, and repair the study best."""
+    for failed, queued in recover_stale(study, layout, config):
+        event(f"trial {failed} was left RUNNING by a run that died; "
+              + (f"trial {queued} resumes it" if queued is not None else "no retries left"))
+    reconcile_best(study, layout, config)
+
+
+def supervise(sup: Supervisor, study: optuna.Study, config: StudyConfig, layout: ResultsLayout,
+              printer: Printer, event: Event, stop: StopSignals) -> None:
+    """Start the workers and watch them until the budget is used or the run is stopped."""
+    sup.start()
+    last_recover = time.monotonic()
+    while sup.poll(stopping=stop.stopping):
+        if stop.stopping:
+            event("stopping: workers save their resume state and exit "
+                  "(press Ctrl-C again to exit at once)")
+            if not sup.wait_stopped(timeout=15.0):
+                event("workers did not stop in time and were killed")
+            return
+        printer.show(snapshot(study, config, sup.statuses()))
+        if time.monotonic() - last_recover > max(2.0, config.study.grace_period / 2):
+            last_recover = time.monotonic()
+            sup.kill_silent(config.study.grace_period)
+            for failed, queued in recover_stale(study, layout, config,
+                                                live_pids=sup.worker_pids()):
+                event(f"trial {failed} went stale; trial {queued} resumes it")
+        sup.wait(0.5)
+
+
+# ---------------------------------------------------------------- after the workers
+
+
+def settle(study: optuna.Study, layout: ResultsLayout, config: StudyConfig) -> None:
+    """Repair the study best, and its publication as the study artifact, after a crash."""
+    reconcile_best(study, layout, config)
+    store = open_artifact_store(config, layout)
+    if store is not None and layout.best.exists():
+        publish_study_best(store, study, layout)
+
+
+def outcome(sup: Supervisor, layout: ResultsLayout, stop: StopSignals, event: Event) -> int:
+    """The exit code the workers' ending deserves."""
+    if stop.stopping:
+        return stop.exit_code
+    if layout.abort_file.exists():
+        event("study stopped: " + json.loads(layout.abort_file.read_text())["message"])
+        return EXIT_FAILED
+    errors = [st.error for st in sup.states if st.error]
+    return EXIT_FAILED if errors and len(errors) == len(sup.states) else EXIT_OK
+
+
+def write_report(config: StudyConfig, study: optuna.Study, layout: ResultsLayout,
+                 slots: list[Slot], stop: StopSignals, event: Event) -> int:
+    """Measure and write the report; a stop during it abandons the report, not the study."""
+    try:
+        with stop.raising():
+            paths = build_report(config, study, layout, slots, on_progress=event)
+    except Interrupted:
+        event("interrupted during the report: the study and its checkpoints are complete and "
+              "kept; the report was not written. Rebuild it with: "
+              f"python -m hpsearch.report {layout.root}")
+        return stop.exit_code
+    except HpsearchError as err:
+        event(f"error: the report could not be written: {err}")
+        return EXIT_FAILED
+    event(f"report: {paths['html']}")
+    return EXIT_OK

@@ -1,0 +1,344 @@
+"""Inside a worker process: claim trials from the study and run them until the budget is used.
+
+A worker loads the study with its own sampler and pruner (``load_study`` restores neither),
+beats a heartbeat for its running trial, exits if its parent dies, and records how each trial
+ended: COMPLETE (offered as the study best), PRUNED, or FAIL with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from hpsearch import data as data_mod
+from hpsearch.checkpoint.artifacts import (
+    open_artifact_store,
+    publish_study_best,
+    publish_trial_checkpoint,
+    retire_trial_checkpoint,
+)
+from hpsearch.checkpoint.retention import Retention, discard_resume_state
+from hpsearch.checkpoint.study_best import offer_best
+from hpsearch.config import StudyConfig
+from hpsearch.errors import Interrupted
+from hpsearch.files import atomic_write_json, file_lock
+from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, tell
+from hpsearch.results import ResultsLayout
+from hpsearch.samplers import build_pruner, build_sampler
+from hpsearch.space import sample
+from hpsearch.storage.backends import open_storage
+from hpsearch.storage.liveness import HOST, write_heartbeat
+from hpsearch.storage.trials import TrialIndex, fail_trial
+from hpsearch.train import NonFiniteError, TrialEnv, run_trial
+from hpsearch.workers.slots import Slot
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: StudyConfig
+    results_dir: str
+    storage: str
+    slot: Slot
+    generation: int
+    parent_pid: int
+    run_started: float
+    deadline: float | None
+    prior_trials: int = 0
+    """Trials the study had when this run started: part of the sampler seed, so a rerun (or
+    another node) never replays an earlier run's sequence, while a fresh study stays
+    reproducible from its seed."""
+
+
+def sampler_seed_offset(spec: WorkerSpec) -> int:
+    """Distinct per slot, per restart of the slot, and per run of the study."""
+    return 1 + 1000 * spec.slot.index + 100_000 * spec.generation + 10_000_019 * spec.prior_trials
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the running trial's heartbeat and exits the process if the parent dies."""
+
+    def __init__(self, spec: WorkerSpec, storage: optuna.storages.BaseStorage) -> None:
+        super().__init__(daemon=True, name="hpsearch-heartbeat")
+        self.spec, self.storage = spec, storage
+        self.trial: optuna.Trial | None = None
+        self.rdb = isinstance(storage, optuna.storages.RDBStorage)
+
+    def beat(self) -> None:
+        trial = self.trial
+        if trial is None:
+            return
+        write_heartbeat(ResultsLayout(Path(self.spec.results_dir)), trial.number)
+        if self.rdb:
+            record_heartbeat(self.storage, trial)
+
+    def run(self) -> None:
+        last = 0.0
+        while True:
+            if os.getppid() != self.spec.parent_pid:
+                # Orphaned: the trial stays RUNNING and the next run resumes it.
+                os._exit(3)
+            if time.monotonic() - last >= self.spec.config.study.heartbeat_interval:
+                last = time.monotonic()
+                try:
+                    self.beat()
+                except Exception:  # a missed beat only makes the trial look stale sooner
+                    pass
+            time.sleep(0.25)
+
+
+class _TrialLog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, line: str) -> None:
+        self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _StopCheck:
+    """Cheap enough to call every second from the training loop."""
+
+    def __init__(self, paths: ResultsLayout, deadline: float | None) -> None:
+        self.paths, self.deadline = paths, deadline
+
+    def __call__(self) -> bool:
+        return self.paths.stop_file.exists()
+
+    def may_start(self) -> bool:
+        past = self.deadline is not None and time.time() >= self.deadline
+        return not (past or self() or self.paths.abort_file.exists())
+
+
+@dataclass
+class _Claims:
+    """A worker's view of the budget, kept up to date incrementally."""
+
+    index: TrialIndex
+    first_failures_checked: bool = False
+
+
+def _claim(study: optuna.Study, cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
+           stop: _StopCheck, claims: _Claims) -> optuna.Trial | None:
+    """Ask for the next trial unless the budget is used, the run stops, or it is failing."""
+    with file_lock(paths.lock("claim")):
+        if not stop.may_start():
+            return None
+        if isinstance(study._storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        index = claims.index
+        index.update(trials)
+        # Only unfinished trials can be WAITING, and those all come after index.settled.
+        waiting = any(t.state == TrialState.WAITING for t in trials[index.settled:])
+        if not waiting and index.counted(trials) >= cfg.study.n_trials:
+            return None
+        if not claims.first_failures_checked:
+            settled, abort = _first_failures(cfg, paths, spec, index)
+            if abort:
+                return None
+            claims.first_failures_checked = settled
+        with warnings.catch_warnings():
+            # Optuna warns that RDB heartbeats are meant for optimize(); ours beat them by hand.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return study.ask()
+
+
+def _first_failures(cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
+                    index: TrialIndex) -> tuple[bool, bool]:
+    """(settled, abort): whether the first ``max_initial_failures`` trials of this run have
+    finished, and whether they all failed (then the abort file says why)."""
+    k = cfg.study.max_initial_failures
+    this_run = sorted(
+        (t for t in index.finished.values()
+         if t.number not in index.retried and t.datetime_start is not None
+         and t.datetime_start.timestamp() >= spec.run_started),
+        key=lambda t: t.number,
+    )[:k]
+    if len(this_run) < k:
+        return False, False
+    if not all(t.state == TrialState.FAIL for t in this_run):
+        return True, False
+    reasons = {str(t.user_attrs.get("fail_reason", "?"))[:200] for t in this_run}
+    atomic_write_json(
+        paths.abort_file,
+        {"message": f"the first {k} trials of this run all failed; stopping instead of "
+         f"burning the budget. Reasons: {sorted(reasons)}"},
+    )
+    return True, True
+
+
+def worker_process(spec: WorkerSpec, outcome: Connection,
+                   dataset: data_mod.Dataset | None = None) -> None:
+    """Entry point of a worker process: run, then send the parent how it ended.
+
+    The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
+    stops at the parent's request (or is killed outright). It starts with both ignored (and,
+    when forked, blocked), see ``_stop_signals_held``.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        result: tuple[Any, ...] = ("done", worker_main(spec, dataset))
+    except BaseException as err:  # reported to the parent, which records it for the slot
+        result = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
+    with contextlib.suppress(OSError):
+        outcome.send(result)
+        outcome.close()
+
+
+def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> dict[str, Any]:
+    """Body of one long-lived worker process. Returns a small summary.
+
+    ``dataset``: the parent's copy (forked workers share it); otherwise loaded from the cache.
+    """
+    cfg, paths = spec.config, ResultsLayout(Path(spec.results_dir))
+    torch.set_num_threads(spec.slot.threads)
+    device = torch.device(spec.slot.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    storage = open_storage(spec.storage, cfg)
+    heartbeat = _Heartbeat(spec, storage)
+    heartbeat.start()
+    study = optuna.load_study(
+        study_name=cfg.study.name,
+        storage=storage,
+        sampler=build_sampler(cfg.study.sampler, seed_offset=sampler_seed_offset(spec)),
+        pruner=build_pruner(cfg.study.pruner),
+    )
+    if dataset is None:
+        dataset = data_mod.load(cfg.data, paths.data_cache)
+    in_memory = (
+        data_mod.fits_in_memory(dataset, device) if cfg.data.in_memory == "auto"
+        else bool(cfg.data.in_memory) and dataset.splits is not None
+    )
+    if in_memory:
+        dataset = data_mod.to_device(dataset, device)
+    worker_name = f"{HOST}:{os.getpid()}"
+    store = open_artifact_store(cfg, paths)
+    stop = _StopCheck(paths, spec.deadline)
+    status_path = paths.status_file(spec.slot.index)
+
+    def status(**fields: Any) -> None:
+        atomic_write_json(
+            status_path,
+            {"slot": spec.slot.index, "device": spec.slot.device, "pid": os.getpid(),
+             "time": time.time(), **fields},
+            durable=False,
+        )
+
+    claims, retention = _Claims(TrialIndex()), Retention(cfg)
+    done = 0
+    status(state="idle", trial=None)
+    while True:
+        trial = _claim(study, cfg, paths, spec, stop, claims)
+        if trial is None:
+            break
+        heartbeat.trial = trial
+        heartbeat.beat()
+        status(state="training", trial=trial.number, epoch=None, value=None)
+        log = _TrialLog(paths.train_log(trial.number))
+        env = TrialEnv(
+            config=cfg,
+            dataset=dataset,
+            device=device,
+            layout=paths,
+            worker=worker_name,
+            in_memory=in_memory,
+            should_stop=stop,
+            on_epoch=lambda n, e, rec: status(
+                state="training", trial=n, epoch=e, value=rec.get(cfg.study.metric)
+            ),
+            log=log,
+            on_checkpoint_kept=(
+                None if store is None else lambda t, p: publish_trial_checkpoint(store, t, p)
+            ),
+        )
+        try:
+            exhausted = _run_one(study, trial, env, log, retention, store)
+        except Interrupted:
+            break
+        finally:
+            heartbeat.trial = None
+            paths.heartbeat(trial.number).unlink(missing_ok=True)
+            log.close()
+            status(state="idle", trial=None)
+        done += 1
+        if exhausted:
+            break  # the sampler has no point left to propose (grid, brute force)
+    status(state="done", trial=None)
+    return {"slot": spec.slot.index, "trials": done, "pid": os.getpid()}
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
+             log: Callable[[str], None], retention: Retention,
+             store: ArtifactStore | None = None) -> bool:
+    """Run one claimed trial and record how it ended; only Interrupted escapes.
+
+    Returns:
+        Whether the sampler's search space is exhausted (a grid fully visited).
+    """
+    cfg, layout = env.config, env.layout
+    trial.set_user_attr("worker", env.worker)
+    trial.set_user_attr("device", str(env.device))
+    log(f"trial {trial.number} on {env.device} by {env.worker}")
+    try:
+        params = sample(trial, cfg)
+        log(f"params {json.dumps(params.flat())}")
+        value = run_trial(trial, params, env)
+    except optuna.TrialPruned as err:
+        log(f"PRUNED: {err}")
+        exhausted = tell(study, trial, state=TrialState.PRUNED)
+        discard_resume_state(layout, trial.number)
+    except Interrupted:
+        log("interrupted: resume state kept; the trial resumes on the next run")
+        fail_trial(study, frozen(trial), "interrupted (Ctrl-C / SIGTERM); resumes on rerun",
+                   retry=True, count_retry=False, max_retries=cfg.study.max_retries)
+        raise
+    except Exception as err:
+        exhausted = False
+        reason = f"{type(err).__name__}: {err}"
+        if isinstance(err, NonFiniteError):
+            reason = str(err)
+        log(f"FAIL: {reason}\n{traceback.format_exc()}")
+        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        fail_trial(study, frozen(trial), reason, retry=False)
+        discard_resume_state(layout, trial.number)
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        exhausted = tell(study, trial, value)
+        log(f"COMPLETE: value={value}")
+        if offer_best(layout, frozen(trial), cfg):
+            log("new study best")
+            if store is not None:
+                publish_study_best(store, study, layout)
+    deleted = retention.apply(study, layout, trial.number)
+    if store is not None:
+        for number in deleted:
+            retire_trial_checkpoint(store, study, retention.index.finished[number])
+    return exhausted
