@@ -187,6 +187,8 @@ class DataSection(_Strict):
     """Seed of the train/validation(/test) split."""
     in_memory: bool | Literal["auto"] = "auto"
     """Keep the dataset on the worker's device and batch by slicing (auto: when it fits)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per split when the data streams (not in memory)."""
 
     @field_validator("name")
     @classmethod
