@@ -34,3 +34,4 @@ STUDY_BEST_TRIAL = "best_checkpoint_trial"
 
 # ---- study system attributes
 RETIRED_ARTIFACT_PREFIX = "hpsearch:retired_artifact:"
+RETIRED_CHECKPOINT_PREFIX = "hpsearch:retired_checkpoint:"  # + trial number: its files deleted

@@ -150,6 +150,12 @@ class StudySection(_Strict):
     """Optuna storage URL; default ``<results-dir>/<name>/journal.log``."""
     enqueue: list[dict[str, Scalar]] = []
     """Parameter sets evaluated first (once per study)."""
+    min_trials_per_architecture: int = Field(4, ge=0)
+    """Trials each architecture gets before the sampler allocates freely (taken round-robin
+    by the first trials); also the finished trials of its own an architecture needs before
+    its trials can be pruned."""
+    prune_within_architecture: bool = True
+    """Prune a trial only by comparison with trials of its own architecture."""
     max_retries: int = Field(2, ge=0)
     """How often a trial whose worker died is resumed before it is left FAIL."""
     max_initial_failures: int = Field(5, ge=1)
@@ -423,30 +429,6 @@ class ModelSection(_Strict):
         if not v:
             raise ValueError("must name at least one architecture")
         return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelSection:
-        # Optuna refuses one parameter name with two kinds of distribution in one study.
-        seen: dict[str, tuple[str, Any]] = {}
-        for arch, spec in self.architecture.items():
-            for key, value in spec.params.items():
-                kind = _kind(value)
-                if key in seen and seen[key][1] != kind:
-                    raise _KeyError(
-                        f"architecture.{arch}.{key}",
-                        f"is {kind[0]} here but {seen[key][1][0]} in architecture "
-                        f"{seen[key][0]}; a shared name needs the same type (and choices)",
-                    )
-                seen.setdefault(key, (arch, kind))
-        return self
-
-
-def _kind(value: Any) -> tuple[str, Any]:
-    if isinstance(value, CategoricalDist):
-        return ("categorical", tuple(map(repr, value.choices)))
-    if isinstance(value, (FloatDist, IntDist)):
-        return (value.type, None)
-    return ("literal", None)
 
 
 class StudyConfig(_Strict):

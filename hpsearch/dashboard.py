@@ -17,7 +17,7 @@ import argparse
 import copy
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -34,13 +34,14 @@ from hpsearch.checkpoint.artifacts import (
     open_artifact_store,
     retired_artifacts,
 )
+from hpsearch.checkpoint.retention import retired_checkpoints
 from hpsearch.errors import UsageError, run_cli
-from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, summary_id
+from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, summary_id, trial_id
 from hpsearch.results import ResultsLayout, locate
 from hpsearch.storage.backends import open_existing, open_journal
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-RETIRED_NOTE = "deleted: the trial fell out of the kept top-k"
+RETIRED_NOTE = "deleted: the trial is not among those that keep checkpoints"
 # User attributes in the order a reader looks for them; the rest follow as stored.
 ATTR_ORDER = (attrs.ARCHITECTURE, attrs.N_PARAMS, attrs.BEST_EPOCH, attrs.BEST_VALUE,
               attrs.CHECKPOINT, attrs.TRAIN_SECONDS, attrs.DEVICE, attrs.WORKER)
@@ -100,12 +101,20 @@ def resolve(target: str, results_root: str) -> Target:
 # ---------------------------------------------------------------- what the dashboard sees
 
 
-def present(trial: FrozenTrial, retired: set[str]) -> FrozenTrial:
+def present(trial: FrozenTrial, retired: set[str],
+            retired_trials: Collection[int] = ()) -> FrozenTrial:
     """The trial as the dashboard shows it.
 
-    A retired checkpoint's artifact is hidden and its ``checkpoint`` says it was deleted; the
-    user attributes a reader looks for come first; ``history`` (every epoch's metrics, which
-    the dashboard would show as one long JSON line cut at 1 kB) becomes a one-line summary.
+    A retired checkpoint's artifact is hidden, and the ``checkpoint`` of a trial whose files
+    were deleted (its artifact retired, or the trial in ``retired_trials``) says so instead
+    of naming a missing file; the user attributes a reader looks for come first; ``history``
+    (every epoch's metrics, which the dashboard would show as one long JSON line cut at 1 kB)
+    becomes a one-line summary.
+
+    Args:
+        trial: The stored trial.
+        retired: Retired artifact ids of its study.
+        retired_trials: Numbers of its study's trials whose checkpoints were deleted.
     """
     user = dict(trial.user_attrs)
     shown = copy.copy(trial)  # never mutate the storage's own (cached) trial
@@ -115,6 +124,8 @@ def present(trial: FrozenTrial, retired: set[str]) -> FrozenTrial:
             if k.removeprefix(ARTIFACT_ATTR_PREFIX) not in retired
         }
         del user[attrs.CHECKPOINT_ARTIFACT]
+        user[attrs.CHECKPOINT] = RETIRED_NOTE
+    if trial.number in retired_trials and attrs.CHECKPOINT in user:
         user[attrs.CHECKPOINT] = RETIRED_NOTE
     if isinstance(user.get(attrs.HISTORY), list):
         user[attrs.HISTORY] = summarize_history(user[attrs.HISTORY])
@@ -165,14 +176,31 @@ class PresentedStorage(BaseStorage):
         self, study_id: int, deepcopy: bool = True, states: Any = None
     ) -> list[FrozenTrial]:
         trials = self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-        retired = self._retired(study_id)
-        return [present(t, retired) for t in trials]
+        retired, deleted = self._retired(study_id), retired_checkpoints(self._inner, study_id)
+        return [present(t, retired, deleted) for t in trials]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        return present(self._inner.get_trial(trial_id), self._retired())
+        trial = self._inner.get_trial(trial_id)
+        return present(trial, self._retired(), self._deleted(trial))
 
     def get_best_trial(self, study_id: int) -> FrozenTrial:
-        return present(self._inner.get_best_trial(study_id), self._retired(study_id))
+        return present(self._inner.get_best_trial(study_id), self._retired(study_id),
+                       retired_checkpoints(self._inner, study_id))
+
+    def _deleted(self, trial: FrozenTrial) -> set[int]:
+        """``{trial.number}`` if the trial's checkpoint was deleted, else empty.
+
+        Trial numbers repeat across studies, so the number counts only in the study whose
+        trial of that number is this very trial.
+        """
+        for summary in self._inner.get_all_studies():
+            sid = summary_id(summary)
+            if trial.number in retired_checkpoints(self._inner, sid) and (
+                self._inner.get_trial_id_from_study_id_trial_number(sid, trial.number)
+                == trial_id(trial)
+            ):
+                return {trial.number}
+        return set()
 
 
 def _delegate(name: str) -> Any:

@@ -1,9 +1,11 @@
 """Built-in datasets, splits, the per-study cache, and batching on the worker's device.
 
 Generated data (MNIST-1D) is produced once per study by the parent and cached on disk; workers
-load the cache once and reuse it across trials. A dataset that fits in memory lives on the
-worker's device and is batched by slicing one permutation per epoch; a user factory may instead
-return ``torch.utils.data.Dataset`` objects, which stream through a DataLoader.
+map the cache into memory (shared by every process on the host) and reuse it across trials.
+Training and validation splits that fit the worker's share of its device live there and are
+batched by slicing one permutation per epoch; the test split stays on the host. A user factory
+may instead return ``torch.utils.data.Dataset`` objects, which stream through one persistent
+DataLoader per split.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def load(cfg: DataSection, cache_dir: Path) -> Dataset:
     path = cache_path(cfg, cache_dir)
     if not path.exists():
         return build(cfg)
-    p = torch.load(path, weights_only=True)
+    # Mapped, not read: every worker on the host shares the page cache instead of a copy.
+    p = torch.load(path, weights_only=True, mmap=True)
     splits = {k: (p[f"x_{k}"], p[f"y_{k}"]) for k in SPLITS}
     return Dataset(p["task"], tuple(p["input_shape"]), int(p["output_size"]), splits=splits)
 
@@ -147,12 +150,17 @@ def load(cfg: DataSection, cache_dir: Path) -> Dataset:
 
 
 class DeviceBatches:
-    """Batches of one split. In-memory splits live on ``device`` and are sliced, not collated."""
+    """Batches of one split. In-memory splits live on ``device`` and are sliced, not collated;
+    the others stream through one DataLoader, kept for every epoch of the trial."""
 
-    def __init__(self, ds: Dataset, split: str, device: torch.device, in_memory: bool) -> None:
+    def __init__(self, ds: Dataset, split: str, device: torch.device, in_memory: bool,
+                 num_workers: int = 0) -> None:
         self.device = device
+        self.num_workers = num_workers
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.stream: TorchDataset | None = None
+        self._loader: DataLoader | None = None
+        self._loader_key: tuple[int, int | None] | None = None
         if ds.splits is not None and in_memory:
             x, y = ds.splits[split]
             self.tensors = (x.to(device), y.to(device))
@@ -174,38 +182,95 @@ class DeviceBatches:
         if self.tensors is not None:
             x, y = self.tensors
             if generator is not None:
-                # One gather per epoch; every batch after it is a view.
+                # One gather per epoch (a second copy of the split, counted by
+                # fits_in_memory); every batch after it is a view.
                 perm = torch.randperm(len(y), generator=generator).to(self.device)
                 x, y = x[perm], y[perm]
             for start in range(0, len(y), batch_size):
                 yield x[start : start + batch_size], y[start : start + batch_size]
             return
         pin = self.device.type == "cuda"
-        loader = DataLoader(
-            self.stream,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            shuffle=generator is not None,
-            generator=generator,
-            pin_memory=pin,
-            num_workers=2 if pin else 0,
-        )
-        for xb, yb in loader:
+        for xb, yb in self.loader(batch_size, generator):
             yield xb.to(self.device, non_blocking=pin), yb.to(self.device, non_blocking=pin)
+
+    def loader(self, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
+        """The split's DataLoader, built once: its worker processes (``data.num_workers``)
+        live as long as it does, and each epoch draws a new order from ``generator``."""
+        key = (batch_size, None if generator is None else id(generator))
+        if self._loader is None or self._loader_key != key:
+            self.close()
+            self._loader = DataLoader(
+                self.stream,  # type: ignore[arg-type]
+                batch_size=batch_size,
+                shuffle=generator is not None,
+                generator=generator,
+                pin_memory=self.device.type == "cuda",
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+            self._loader_key = key
+        return self._loader
+
+    def close(self) -> None:
+        """Let the loader's worker processes go (they end with the last reference to it)."""
+        self._loader = self._loader_key = None
 
 
 def to_device(ds: Dataset, device: torch.device) -> Dataset:
-    """The in-memory splits moved to ``device`` once, for every trial a worker runs."""
+    """The training and validation splits moved to ``device`` once, for every trial a worker
+    runs; the test split, which trials never read, stays on the host."""
     if ds.splits is None:
         return ds
-    splits = {k: (x.to(device), y.to(device)) for k, (x, y) in ds.splits.items()}
+    splits = {k: (x, y) if k == "test" else (x.to(device), y.to(device))
+              for k, (x, y) in ds.splits.items()}
     return Dataset(ds.task, ds.input_shape, ds.output_size, splits=splits, streams=ds.streams)
 
 
-def fits_in_memory(ds: Dataset, device: torch.device) -> bool:
-    """Keep a dataset on the device when it uses under a quarter of the device's memory."""
+DEVICE_DATA_SHARE = 0.5
+"""The part of a slot's share of free GPU memory its data may take; the rest is for the model,
+its activations and the optimizer state."""
+HOST_DATA_LIMIT = 4 * 2**30
+"""On the CPU the splits are in host memory either way: slicing them costs only the shuffle."""
+
+
+def fits_in_memory(nbytes_train: int, nbytes_val: int, free_bytes: int,
+                   slots_per_device: int) -> bool:
+    """Whether a worker may keep its training and validation splits on its device.
+
+    Args:
+        nbytes_train: Size of the training split (inputs and targets).
+        nbytes_val: Size of the validation split.
+        free_bytes: The device's free memory now.
+        slots_per_device: Workers sharing the device, each as entitled as this one.
+
+    Returns:
+        Whether both splits, plus the copy of the training split the per-epoch shuffle
+        gathers, fit in ``DEVICE_DATA_SHARE`` of this worker's part of the free memory.
+    """
+    share = free_bytes / max(1, slots_per_device)
+    return 2 * nbytes_train + nbytes_val <= DEVICE_DATA_SHARE * share
+
+
+def _nbytes(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in pair)
+
+
+def keep_in_memory(ds: Dataset, setting: bool | str, device: torch.device,
+                   slots_per_device: int = 1) -> bool:
+    """``data.in_memory`` decided for one worker: ``auto`` asks :func:`fits_in_memory`.
+
+    Args:
+        ds: The dataset (streaming datasets never are in memory).
+        setting: ``data.in_memory``: True, False or ``"auto"``.
+        device: The worker's device.
+        slots_per_device: Workers sharing ``device``.
+    """
     if ds.splits is None:
         return False
-    nbytes = sum(t.numel() * t.element_size() for pair in ds.splits.values() for t in pair)
+    if setting != "auto":
+        return bool(setting)
+    train, val = _nbytes(ds.splits["train"]), _nbytes(ds.splits["val"])
     if device.type == "cuda":
-        return nbytes < torch.cuda.get_device_properties(device).total_memory // 4
-    return nbytes < 4 * 2**30
+        free, _total = torch.cuda.mem_get_info(device)
+        return fits_in_memory(train, val, free, slots_per_device)
+    return train + val < HOST_DATA_LIMIT

@@ -23,6 +23,7 @@ __all__ = [
     "ArtifactStore",
     "BaseJournalFileLock",
     "frozen",
+    "planned_params",
     "record_heartbeat",
     "storage_of",
     "study_id",
@@ -72,6 +73,12 @@ def tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) ->
             raise
         return True
     return False
+
+
+def planned_params(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's parameters, or for a WAITING (enqueued) trial the ones it was queued with
+    (Optuna keeps those in a system attribute until the trial starts)."""
+    return trial.params or dict(trial.system_attrs.get("fixed_params", {}))
 
 
 def record_heartbeat(storage: Any, trial: optuna.Trial) -> None:

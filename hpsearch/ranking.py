@@ -89,22 +89,23 @@ def sorted_complete(trials: Iterable[FrozenTrial], minimize: bool) -> list[Froze
     return [t for _, t in scored]
 
 
+def shown_value(trial: FrozenTrial) -> float | None:
+    """The best-epoch validation value a trial showed: a COMPLETE trial's value, or a PRUNED
+    trial's best before it was stopped."""
+    value = complete_value(trial)
+    return value if value is not None else pruned_value(trial)
+
+
 def architecture_bests(trials: Iterable[FrozenTrial], minimize: bool) -> dict[str, FrozenTrial]:
-    """Each architecture's best COMPLETE trial, or its best PRUNED one (by best-epoch value)
-    when none completed."""
-    best: dict[str, tuple[bool, tuple[float, int], FrozenTrial]] = {}
+    """Each architecture's representative: its trial with the best best-epoch value, pruned
+    trials included (a slow starter's best configuration is often one the pruner cut), ties to
+    the earlier trial. The study best (``best/``) stays the best COMPLETE trial."""
+    best: dict[str, tuple[tuple[float, int], FrozenTrial]] = {}
     for t in trials:
-        arch = architecture_of(t)
-        if arch is None:
+        arch, value = architecture_of(t), shown_value(t)
+        if arch is None or value is None:
             continue
-        value = complete_value(t)
-        from_pruned = value is None
-        if from_pruned:
-            value = pruned_value(t)
-        if value is None:
-            continue
-        key = (from_pruned, rank_key(value, t.number, minimize), t)
-        current = best.get(arch)
-        if current is None or key[:2] < current[:2]:
-            best[arch] = key
-    return {arch: entry[2] for arch, entry in best.items()}
+        key = rank_key(value, t.number, minimize)
+        if arch not in best or key < best[arch][0]:
+            best[arch] = (key, t)
+    return {arch: entry[1] for arch, entry in best.items()}

@@ -6,7 +6,10 @@ from the config; otherwise a worker would silently run unseeded TPE and the medi
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import warnings
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import optuna
@@ -51,6 +54,47 @@ PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
 }
 
 
+# Modules Optuna imports only when the sampler or pruner first works (mid-trial, where a missing
+# one would fail every trial); each is checked when it is built, so a study that names it fails
+# before any work. Each module's top-level package is also its name on PyPI.
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "cmaes": ("cmaes",),
+    "gp": ("scipy.optimize", "scipy.stats.qmc", "torch"),
+    "qmc": ("scipy.stats.qmc",),
+    "wilcoxon": ("scipy.stats",),
+}
+
+
+def missing_packages(name: str) -> list[str]:
+    """The packages the sampler or pruner ``name`` needs that do not import here."""
+    missing: list[str] = []
+    for module in REQUIRES.get(name, ()):
+        package = module.split(".")[0]
+        if package in missing:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
+def check_packages(name: str, kind: str) -> None:
+    """Raise ValueError naming what ``pip install`` would fix, if ``name`` needs it.
+
+    Args:
+        name: A sampler or pruner name.
+        kind: ``"sampler"`` or ``"pruner"``, for the message.
+    """
+    missing = missing_packages(name)
+    if missing:
+        quoted = ", ".join(f"'{p}'" for p in missing)
+        raise ValueError(
+            f"the {name} {kind} needs the package{'s' * (len(missing) > 1)} {quoted}, which "
+            f"cannot be imported here (pip install {' '.join(missing)})"
+        )
+
+
 # hpsearch's space is conditional (the architecture, then that architecture's parameters) and
 # several workers ask at once: TPE models each architecture's parameters jointly and keeps
 # workers from proposing the same point. Keys in the study file win.
@@ -61,27 +105,40 @@ def build_sampler(cfg: SamplerOptions, seed_offset: int = 0) -> optuna.samplers.
     """Build the sampler; ``seed_offset`` keeps parallel workers from drawing the same points.
 
     Raises:
-        TypeError/ValueError: The study file gave arguments the sampler does not take.
+        TypeError/ValueError: The study file gave arguments the sampler does not take, or a
+            package the sampler needs is missing.
     """
+    check_packages(cfg.name, "sampler")
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
     if cfg.name == "tpe":
         kwargs = {**TPE_DEFAULTS, **kwargs}
-        with warnings.catch_warnings():
-            # multivariate and group are marked experimental; they are the defaults here.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if cfg.seed is not None:
-                kwargs["seed"] = (cfg.seed + seed_offset) % 2**32  # numpy takes 32-bit seeds
-            return optuna.samplers.TPESampler(**kwargs)
     if cfg.seed is not None:
         kwargs["seed"] = (cfg.seed + seed_offset) % 2**32  # numpy takes 32-bit seeds
-    return SAMPLERS[cfg.name](**kwargs)
+    with _chosen_experimental():
+        return SAMPLERS[cfg.name](**kwargs)
 
 
 def build_pruner(cfg: PrunerOptions) -> optuna.pruners.BasePruner:
-    """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``."""
+    """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``.
+
+    Raises:
+        TypeError/ValueError: The study file gave arguments the pruner does not take, or a
+            package the pruner needs is missing.
+    """
+    check_packages(cfg.name, "pruner")
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
     if cfg.name == "patient":
         kwargs["wrapped_pruner"] = build_pruner(cfg.wrapped) if cfg.wrapped else None
     elif cfg.wrapped is not None:
         raise ValueError("wrapped: only the patient pruner wraps another")
-    return PRUNERS[cfg.name](**kwargs)
+    with _chosen_experimental():
+        return PRUNERS[cfg.name](**kwargs)
+
+
+@contextlib.contextmanager
+def _chosen_experimental() -> Iterator[None]:
+    """Silence Optuna's ExperimentalWarning: the study file chose the class (or TPE's
+    defaults above chose its options), and every worker would repeat the warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield

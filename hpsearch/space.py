@@ -1,8 +1,11 @@
 """The search space: the only place that calls ``trial.suggest_*``.
 
 The architecture is the categorical Optuna parameter ``architecture``; each architecture's own
-parameters are suggested only when it is chosen (a conditional space). Literal values in the
-study file are recorded but not suggested.
+parameters are suggested only when it is chosen (a conditional space), under a name qualified
+by the architecture (``gru.hidden``), so two architectures that both call a parameter
+``hidden`` never share one distribution in the sampler. Training parameters (``lr``,
+``batch_size``, ...) are shared by every architecture and keep their names. Model factories
+receive bare names. Literal values in the study file are recorded but not suggested.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from hpsearch.attrs import ARCHITECTURE
 from hpsearch.config import (
     SEARCHABLE_TRAIN_KEYS,
     CategoricalDist,
@@ -44,18 +48,38 @@ def _suggest(trial: optuna.trial.BaseTrial, name: str, value: Any) -> Any:
     return value
 
 
+def optuna_name(architecture: str, key: str) -> str:
+    """The Optuna parameter name of an architecture's own parameter."""
+    return f"{architecture}.{key}"
+
+
 def sample(trial: optuna.trial.BaseTrial, config: StudyConfig) -> TrialParams:
     """Sample (or read back, for enqueued and fixed trials) one point of the space."""
     archs = list(config.model.architecture)
     # A single architecture is still recorded as a parameter so reports can group by it.
-    architecture = trial.suggest_categorical("architecture", archs)
+    architecture = trial.suggest_categorical(ARCHITECTURE, archs)
     spec = config.model.architecture[architecture]
-    model = {name: _suggest(trial, name, v) for name, v in spec.params.items()}
+    model = {key: _suggest(trial, optuna_name(architecture, key), v)
+             for key, v in spec.params.items()}
     train = {key: _suggest(trial, key, getattr(config.train, key)) for key in SEARCHABLE_TRAIN_KEYS}
     return TrialParams(architecture=architecture, model=model, train=train)
 
 
+def to_optuna_names(params: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
+    """Study-file names (``{architecture: gru, hidden: 32, lr: 0.01}``) -> Optuna names
+    (``gru.hidden``). Already qualified names pass through; so do unknown ones."""
+    architecture = params.get(ARCHITECTURE)
+    if architecture is None and len(config.model.architecture) == 1:
+        architecture = next(iter(config.model.architecture))
+    own = config.model.architecture[architecture].params if architecture in \
+        config.model.architecture else {}
+    return {optuna_name(architecture, k) if k in own else k: v for k, v in params.items()}
+
+
 def from_params(params: dict[str, Any], config: StudyConfig) -> TrialParams:
-    """Rebuild a trial's parameters from a flat dict (e.g. ``FrozenTrial.params``)."""
-    fixed = optuna.trial.FixedTrial(params)
-    return sample(fixed, config)
+    """Rebuild a trial's parameters from a flat dict (e.g. ``FrozenTrial.params``).
+
+    Accepts both namings: Optuna's (``gru.hidden``) and the study file's bare names, which is
+    also how studies started before hpsearch qualified the names (0.1) are read back.
+    """
+    return sample(optuna.trial.FixedTrial(to_optuna_names(params, config)), config)

@@ -200,8 +200,11 @@ class Trainer:
             self.mode, es.min_delta if es else 0.0, es.patience if es else None
         )
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.train_batches = DeviceBatches(self.dataset, "train", self.device, self.in_memory)
-        self.val_batches = DeviceBatches(self.dataset, "val", self.device, self.in_memory)
+        workers = cfg.data.num_workers
+        self.train_batches = DeviceBatches(self.dataset, "train", self.device, self.in_memory,
+                                           num_workers=workers)
+        self.val_batches = DeviceBatches(self.dataset, "val", self.device, self.in_memory,
+                                         num_workers=workers)
         self.loss_fn = _loss_fn(self.dataset.task)
         self.batch_size = int(self.params.train["batch_size"])
         self.start_epoch = 0
@@ -243,6 +246,11 @@ class Trainer:
         }
         self.history.append(record)
         return record
+
+    def close(self) -> None:
+        """End the data loaders' worker processes (streaming data only)."""
+        self.train_batches.close()
+        self.val_batches.close()
 
     def step_scheduler(self, value: float) -> None:
         if self.scheduler is not None and math.isfinite(value):
@@ -396,6 +404,7 @@ class _TrialRun:
             self.writer.flush()
         finally:
             self.writer.close()
+            self.trainer.close()
             _record(self.trial, self.trainer, self.files, self.env)
         return self._finish()
 
@@ -560,16 +569,23 @@ def train_and_test(
     """
     trainer = Trainer(config, params, dataset, device, seed=seed, in_memory=in_memory)
     best_state = None
-    for epoch in range(config.train.max_epochs):
-        record = trainer.run_epoch(epoch)
-        value = record[trainer.monitor]
-        if trainer.tracker.update(value, epoch):
-            best_state = snapshot(trainer.model.state_dict())
-        trainer.step_scheduler(value)
-        if trainer.tracker.should_stop:
-            break
+    try:
+        for epoch in range(config.train.max_epochs):
+            record = trainer.run_epoch(epoch)
+            value = record[trainer.monitor]
+            if trainer.tracker.update(value, epoch):
+                best_state = snapshot(trainer.model.state_dict())
+            trainer.step_scheduler(value)
+            if trainer.tracker.should_stop:
+                break
+    finally:
+        trainer.close()
     if best_state is not None:
         trainer.model.load_state_dict(best_state)
-    test = DeviceBatches(dataset, "test", device, in_memory=in_memory)
-    scores = evaluate(trainer.model, test, dataset.task)
+    test = DeviceBatches(dataset, "test", device, in_memory=in_memory,
+                         num_workers=config.data.num_workers)
+    try:
+        scores = evaluate(trainer.model, test, dataset.task)
+    finally:
+        test.close()
     return {metrics.named("test", k): v for k, v in scores.items()}

@@ -25,6 +25,7 @@ library at the top so that those processes pay for nothing but torch (and Optuna
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import math
@@ -56,6 +57,33 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "pruning_best_gap": ("<=", 0.05, "relative loss of the best value under hyperband (median)"),
     "checkpoint_overhead_ratio": ("<=", 1.05, "s/epoch of a ~50 MB model, best ckpt on / off"),
     "scale_rate_ratio": (">=", 0.8, "trials/s, last window / first window, tiny trials"),
+    "search_quality_vs_plain": (">=", 1.0, "median best val_acc, hpsearch defaults / plain "
+                                "Optuna script, shared-name space, 16 trials, 5 seeds"),
+    "search_wall_ratio_vs_plain": ("<=", 1.0, "wall time of that search, hpsearch / plain"),
+    "architecture_ranking_fidelity": ("<=", 0.05, "worst shortfall of an architecture's "
+                                      "reported seed-mean test_acc below its tuned reference"),
+    "epochs_fraction": ("<=", 0.7, "epochs trained / unpruned budget, in those runs"),
+}
+
+# The search-quality space (issue 14): MLP and CNN whose width has the same name in the plain
+# script, plus the learning rate.
+QUALITY_WIDTH = {"mlp": (32, 512), "cnn1d": (8, 64)}
+QUALITY_LR = (1e-4, 3e-2)
+
+# Tuned references for the ranking-fidelity benchmark: each architecture of the example
+# study's space with a fixed configuration, trained for the full budget (40 epochs, plateau
+# LR, early stopping 10) and scored on the test split, mean of 3 seeds. Found once, on
+# 2026-12-01, with `python scripts/bench.py --only reference_search`: each architecture alone,
+# 12 TPE trials (seed 0, 2 workers, no pruning) over the example study's own ranges on the
+# benchmark's 5000-sample MNIST-1D; the best validation trial's configuration (its val_acc in
+# the comment).
+REFERENCE: dict[str, dict[str, Any]] = {
+    "linear": {"lr": 0.010188, "weight_decay": 8.014e-4},  # 0.305
+    "mlp": {"hidden": 225, "depth": 3, "dropout": 0.1764, "lr": 0.0031687,
+            "weight_decay": 7.405e-6},  # 0.710
+    "cnn1d": {"channels": 60, "kernel_size": 5, "depth": 4, "lr": 0.0045461,
+              "weight_decay": 5.918e-4},  # 0.974
+    "gru": {"hidden": 126, "lr": 0.021262, "weight_decay": 3.613e-5},  # 0.981
 }
 
 LR = 3e-3
@@ -99,6 +127,68 @@ CONFIGS = (
     {"architecture": "mlp", "hidden": 128, "depth": 1},
     {"architecture": "mlp", "hidden": 64, "depth": 1},
 )
+
+EXAMPLE = ROOT / "studies" / "mnist1d.yaml"
+
+
+def plain_search_worker(storage_path: str, study_name: str, n_trials: int, data_path: str,
+                        epochs: int, seed: int) -> float:
+    """The search a user writes by hand: the seed's loop as an objective, default TPE and
+    MedianPruner, and one name, ``width``, for both architectures' width (with their own
+    ranges). One process of two, one torch thread each, sharing a journal study."""
+    import optuna
+    import torch
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    d = torch.load(data_path, weights_only=True)
+    train_loader = DataLoader(TensorDataset(d["x_train"], d["y_train"]), batch_size=BATCH,
+                              shuffle=True)
+    val_loader = DataLoader(TensorDataset(d["x_val"], d["y_val"]), batch_size=BATCH)
+    length, classes = d["x_train"].shape[1], d["output_size"]
+
+    def objective(trial: optuna.Trial) -> float:
+        arch = trial.suggest_categorical("architecture", ["mlp", "cnn1d"])
+        width = trial.suggest_int("width", *QUALITY_WIDTH[arch], log=True)
+        lr = trial.suggest_float("lr", *QUALITY_LR, log=True)
+        cfg = ({"architecture": "mlp", "hidden": width, "depth": 1} if arch == "mlp" else
+               {"architecture": "cnn1d", "channels": width, "depth": 2, "kernel_size": 5})
+        torch.manual_seed(trial.number)
+        model = plain_model(cfg, length, classes)
+        criterion = nn.CrossEntropyLoss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        best = -math.inf
+        for epoch in range(epochs):
+            model.train()
+            for xb, yb in train_loader:
+                optimizer.zero_grad()
+                loss = criterion(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for xb, yb in val_loader:
+                    correct += (model(xb).argmax(1) == yb).sum().item()
+            acc = correct / len(val_loader.dataset)
+            best = max(best, acc)
+            trial.report(acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return best
+
+    storage = JournalStorage(JournalFileBackend(storage_path))
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              sampler=optuna.samplers.TPESampler(seed=seed),
+                              pruner=optuna.pruners.MedianPruner())
+    # Two processes share the budget: stop once the study has n_trials finished trials.
+    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(
+        n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
+    return study.best_value
+
 
 FULL = Sizes(
     num_samples=5000, epochs=20, configs=CONFIGS, repeats=3,
@@ -686,6 +776,162 @@ class Bench:
         self.results["pruning_best_gap"] = round(median(gaps), 4)
         self.results["pruning_per_seed"] = per_seed
 
+    def search_quality(self) -> None:
+        """Search quality at equal trials: hpsearch's defaults against the plain script, on a
+        space where two architectures share a parameter name (issue 14)."""
+        s = self.sizes
+        n_trials, epochs = (16, 20) if s.extras else (4, 2)
+        seeds = (0, 1, 2, 3, 4) if s.extras else (0,)
+        hp_best, plain_best, hp_wall, plain_wall = [], [], [], []
+        for seed in seeds:
+            raw = base_config(
+                f"quality-{seed}", s,
+                study={"n_trials": n_trials, "enqueue": [], "sampler": {"name": "tpe",
+                       "seed": seed}, "pruner": {"name": "median"}},
+                train={"max_epochs": epochs, "lr": {"type": "float", "low": QUALITY_LR[0],
+                       "high": QUALITY_LR[1], "log": True}, "batch_size": BATCH},
+                model={"architecture": {
+                    "mlp": {"hidden": {"type": "int", "low": QUALITY_WIDTH["mlp"][0],
+                                       "high": QUALITY_WIDTH["mlp"][1], "log": True},
+                            "depth": 1},
+                    "cnn1d": {"channels": {"type": "int", "low": QUALITY_WIDTH["cnn1d"][0],
+                                           "high": QUALITY_WIDTH["cnn1d"][1], "log": True},
+                              "depth": 2, "kernel_size": 5}}},
+            )
+            # hpsearch's defaults otherwise: plateau LR, early stopping, TPE multivariate,
+            # pruning within an architecture, min_trials_per_architecture 4.
+            del raw["train"]["lr_scheduler"], raw["train"]["early_stopping"]
+            run = self.run_hpsearch(raw)
+            hp_best.append(run.study.best_value)
+            hp_wall.append(run.wall)
+            plain_best.append(self.run_plain_search(f"quality-plain-{seed}", n_trials, epochs,
+                                                    seed, plain_wall))
+            self.say(f"search quality seed {seed}: hpsearch {hp_best[-1]:.4f} in "
+                     f"{hp_wall[-1]:.1f} s, plain {plain_best[-1]:.4f} in {plain_wall[-1]:.1f} s")
+        self.results["search_quality_vs_plain"] = round(median(hp_best) / median(plain_best), 4)
+        self.results["search_wall_ratio_vs_plain"] = round(sum(hp_wall) / sum(plain_wall), 3)
+        self.results["search_quality_per_seed"] = [
+            {"seed": sd, "hpsearch_best": round(h, 4), "plain_best": round(p, 4),
+             "hpsearch_seconds": round(hw, 1), "plain_seconds": round(pw, 1)}
+            for sd, h, p, hw, pw in zip(seeds, hp_best, plain_best, hp_wall, plain_wall)]
+
+    def run_plain_search(self, name: str, n_trials: int, epochs: int, seed: int,
+                         walls: list[float]) -> float:
+        import optuna
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        folder = self.work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        storage_path = str(folder / "journal.log")
+        study = optuna.create_study(study_name=name, direction="maximize",
+                                    storage=JournalStorage(JournalFileBackend(storage_path)))
+        t0 = time.perf_counter()
+        with spawn_pool(2) as pool:
+            futures = [pool.submit(plain_search_worker, storage_path, name, n_trials,
+                                   str(self.data_path), epochs, seed + 1000 * i)
+                       for i in range(2)]
+            for f in futures:
+                f.result()
+        walls.append(time.perf_counter() - t0)
+        return study.best_value
+
+    def architecture_fidelity(self) -> None:
+        """The example study's space, 24 trials at three sampler seeds: how far below its
+        tuned reference the report puts each architecture (seed-mean test_acc), and what share
+        of the unpruned epoch budget the search spent."""
+        import yaml
+
+        s = self.sizes
+        n_trials, seeds = (24, (0, 1, 2)) if s.extras else (4, (0,))
+        references = self.references()
+        shortfalls, fractions, per_run = [], [], []
+        for seed in seeds:
+            raw = yaml.safe_load(EXAMPLE.read_text())
+            raw["study"].update({"name": f"fidelity-{seed}", "n_trials": n_trials,
+                                 "sampler": {"name": "tpe", "seed": seed}})
+            raw["data"]["args"]["num_samples"] = s.num_samples
+            raw["resources"] = {"devices": "cpu", "workers": 2}
+            if not s.extras:
+                raw["train"]["max_epochs"] = s.epochs
+                raw["report"]["seeds"] = 1
+            run = self.run_hpsearch(raw)
+            rows = {r["architecture"]: r for r in csv.DictReader(
+                open(run.results_dir / "architectures.csv"))}
+            reported = {a: float(rows[a]["seed_mean_test_acc"] or "nan") for a in references}
+            gaps = {a: round(references[a] - reported[a], 4) for a in references}
+            trials = run.study.get_trials(deepcopy=False)
+            epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
+            fraction = epochs / (len(trials) * raw["train"]["max_epochs"])
+            shortfalls.append(max(gaps.values()))
+            fractions.append(fraction)
+            per_run.append({"seed": seed, "reported": reported, "shortfall": gaps,
+                            "epochs_fraction": round(fraction, 3),
+                            "trials_per_architecture": {a: sum(
+                                t.params.get("architecture") == a for t in trials)
+                                for a in references}})
+            self.say(f"fidelity seed {seed}: shortfall {gaps}, epochs fraction {fraction:.3f}")
+        self.results["architecture_ranking_fidelity"] = max(shortfalls)
+        self.results["epochs_fraction"] = round(max(fractions), 3)
+        self.results["architecture_fidelity_runs"] = per_run
+        self.results["architecture_references"] = references
+
+    def reference_search(self) -> None:
+        """How REFERENCE was found (run once, not part of the default steps): each
+        architecture of the example study alone, 12 TPE trials over the example's own ranges,
+        no pruning; prints each one's best configuration."""
+        import yaml
+
+        s = self.sizes
+        raw = yaml.safe_load(EXAMPLE.read_text())
+        found = {}
+        for arch, space in raw["model"]["architecture"].items():
+            study = {**raw, "study": {**raw["study"], "name": f"reference-search-{arch}",
+                                      "n_trials": 12 if s.extras else 2,
+                                      "pruner": {"name": "none"}},
+                     "model": {"architecture": {arch: space or {}}},
+                     "resources": {"devices": "cpu", "workers": 2},
+                     "report": {"enabled": False}}
+            study["data"] = {**raw["data"], "args": {**raw["data"]["args"],
+                                                     "num_samples": s.num_samples}}
+            if not s.extras:
+                study["train"] = {**raw["train"], "max_epochs": s.epochs}
+            run = self.run_hpsearch(study)
+            best = run.study.best_trial
+            found[arch] = {"params": {k.split(".", 1)[-1]: v for k, v in best.params.items()
+                                      if k != "architecture"},
+                           "val_acc": round(best.value, 4)}
+            self.say(f"reference search {arch}: {found[arch]}")
+        self.results["reference_search"] = found
+
+    def references(self) -> dict[str, float]:
+        """Seed-mean test_acc of each architecture's fixed reference configuration."""
+        import yaml
+
+        s = self.sizes
+        raw = yaml.safe_load(EXAMPLE.read_text())
+        out = {}
+        for arch, cfg in REFERENCE.items():
+            params = {k: v for k, v in cfg.items()
+                      if k not in ("lr", "weight_decay")}
+            study = {**raw, "study": {**raw["study"], "name": f"reference-{arch}",
+                                      "n_trials": 1, "pruner": {"name": "none"},
+                                      "enqueue": []},
+                     "model": {"architecture": {arch: params}},
+                     "train": {**raw["train"], "lr": cfg["lr"],
+                               "weight_decay": cfg["weight_decay"]},
+                     "resources": {"devices": "cpu", "workers": 1},
+                     "report": {"enabled": True, "seeds": 3 if s.extras else 1}}
+            study["data"] = {**raw["data"], "args": {**raw["data"]["args"],
+                                                     "num_samples": s.num_samples}}
+            if not s.extras:
+                study["train"]["max_epochs"] = s.epochs
+            run = self.run_hpsearch(study)
+            row = next(csv.DictReader(open(run.results_dir / "architectures.csv")))
+            out[arch] = round(float(row["seed_mean_test_acc"]), 4)
+            self.say(f"reference {arch}: seed-mean test_acc {out[arch]}")
+        return out
+
     def checkpointing(self) -> None:
         """A wide MLP (~50 MB of weights) whose val_loss improves nearly every epoch."""
         s = self.sizes
@@ -1029,7 +1275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, under a minute")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU measurement")
     p.add_argument("--only", help="comma-separated subset: overhead,plain_optuna,scaling,"
-                   "pruning,checkpointing,scale,gpu")
+                   "pruning,checkpointing,scale,search_quality,architecture_fidelity,gpu")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other measurements of the existing bench.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     args = p.parse_args(argv)
 
@@ -1038,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sizes = QUICK if args.quick else FULL
     out = Path(args.out)
-    steps = ["overhead", "plain_optuna", "scaling", "pruning", "checkpointing", "scale", "gpu"]
+    steps = ["overhead", "plain_optuna", "scaling", "pruning", "checkpointing", "scale",
+             "search_quality", "architecture_fidelity", "gpu"]
     if args.gpu_only:
         steps = ["gpu"]
     elif args.only:
@@ -1065,6 +1314,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench.say(f"{step} FAILED: {type(err).__name__}: {err}")
             bench.results.setdefault("step_seconds", {})[step] = round(time.perf_counter() - t, 1)
     seconds = time.perf_counter() - t0
+    if args.merge and (out / "bench.json").exists():
+        earlier = json.loads((out / "bench.json").read_text())
+        kept = {k: v for k, v in earlier.items()
+                if k not in ("mode", "machine", "total_seconds", "targets")}
+        bench.results = {**kept, **bench.results}
+        seconds += earlier.get("total_seconds", 0)
     write_outputs(out, bench.results, machine(), "quick" if args.quick else "full", seconds,
                   bench.notes)
     print(f"wrote {out / 'bench.json'} and {out / 'README.md'} in {seconds:.0f} s")

@@ -23,6 +23,10 @@ TARGET_KEYS = (
     "pruning_best_gap",
     "checkpoint_overhead_ratio",
     "scale_rate_ratio",
+    "search_quality_vs_plain",
+    "search_wall_ratio_vs_plain",
+    "architecture_ranking_fidelity",
+    "epochs_fraction",
 )
 OTHER_KEYS = (
     "machine",

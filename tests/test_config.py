@@ -111,11 +111,14 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_shared_parameter_name_needs_one_kind() -> None:
+def test_architectures_may_share_a_parameter_name_of_another_kind() -> None:
+    # Each architecture's parameters are their own Optuna parameters (linear.hidden is not
+    # mlp.hidden), so the same name may hold another kind of distribution.
     raw = copy.deepcopy(TINY)
     raw["model"]["architecture"]["linear"] = {"hidden": {"type": "float", "low": 1, "high": 2}}
-    with pytest.raises(ConfigError, match="model.architecture.*hidden.*same type"):
-        parse_config(raw, "s.yaml")
+    config = parse_config(raw, "s.yaml")
+    assert config.model.architecture["linear"].params["hidden"].type == "float"
+    assert config.model.architecture["mlp"].params["hidden"].type == "int"
 
 
 def test_cli_bad_file_exits_2_without_touching_results(tmp_path: Path) -> None:

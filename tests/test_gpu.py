@@ -61,6 +61,33 @@ GPU_MODELS = textwrap.dedent(
         return Slow(input_shape, output_size, 0.05)
 
 
+    class Asserting(nn.Module):
+        # Indexes out of bounds on the GPU: a device-side assert, which breaks the context.
+
+        def __init__(self, input_shape, output_size):
+            super().__init__()
+            self.fc = nn.Linear(math.prod(input_shape), output_size)
+
+        def forward(self, x):
+            out = self.fc(x.flatten(1))
+            bad = torch.full((len(x),), 10**6, device=x.device, dtype=torch.long)
+            return out[torch.arange(len(x), device=x.device), bad].unsqueeze(1) + out
+
+
+    def make_asserting(input_shape, output_size):
+        return Asserting(input_shape, output_size)
+
+
+    def streaming(n=600, features=40, classes=10):
+        # torch Datasets, not arrays: batched through DataLoaders instead of on the device.
+        g = torch.Generator().manual_seed(0)
+        def split(k):
+            x = torch.randn(k, features, generator=g)
+            return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+        return {"train": split(n), "val": split(n // 4), "test": split(n // 4),
+                "task": "classification", "input_shape": [features], "output_size": classes}
+
+
     def make_huge(input_shape, output_size):
         # 1 GiB (kept alive by the traceback while the failure is handled), then 10**12
         # floats (4 TB): more than any GPU has, so the allocator raises OutOfMemoryError.
@@ -147,7 +174,8 @@ def test_slots_pin_explicit_devices() -> None:
 
     slots = plan_slots(ResourcesSection(devices="auto", trials_per_device=2))
     n = torch.cuda.device_count()
-    assert [s.device for s in slots] == [f"cuda:{i}" for i in range(n) for _ in range(2)]
+    # Interleaved, so a workers limit spreads the workers over every GPU.
+    assert [s.device for s in slots] == [f"cuda:{i}" for _ in range(2) for i in range(n)]
 
 
 def test_run_on_gpu_with_two_trials_per_device(tmp_path: Path) -> None:
@@ -289,3 +317,51 @@ def test_out_of_memory_trial_fails_and_the_worker_goes_on(
     assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}
     model = hpsearch.load_best_model(tmp_path / "res/tiny", map_location="cuda:0")
     assert next(model.parameters()).device.type == "cuda"
+
+
+# ---------------------------------------------------------------- a broken CUDA context
+
+
+def test_device_side_assert_fails_the_trial_and_replaces_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = with_models(tmp_path, monkeypatch)
+    raw = tiny(
+        study={"n_trials": 2,
+               "enqueue": [{"architecture": "asserting"}, {"architecture": "linear"}]},
+        model={"architecture": {"asserting": {"factory": "gpu_models:make_asserting"},
+                                "linear": {}}},
+        resources={"workers": 1},
+    )
+    study_file = write_study(tmp_path, raw)
+    out = run_cli(tmp_path, study_file, "--workers", "1", env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "CUDA context broken" in text and "replacing it" in text, text
+    trials = trials_of(tmp_path / "res/tiny")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], states(trials)
+    assert "CUDA error" in trials[0].user_attrs["fail_reason"], trials[0].user_attrs
+    # A fresh process, with a fresh context, ran the next trial.
+    assert trials[0].user_attrs["worker"] != trials[1].user_attrs["worker"]
+
+
+# ---------------------------------------------------------------- streaming data
+
+
+def test_streaming_data_through_persistent_pinned_loaders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = with_models(tmp_path, monkeypatch)
+    raw = tiny(
+        study={"n_trials": 2},
+        data={"name": "gpu_models:streaming", "args": {}, "num_workers": 2},
+        model={"architecture": {"linear": {}}},
+        train={"max_epochs": 3},
+        resources={"workers": 1},
+    )
+    study_file = write_study(tmp_path, raw)
+    out = run_cli(tmp_path, study_file, "--workers", "1", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = trials_of(tmp_path / "res/tiny")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, states(trials)
+    assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}

@@ -135,19 +135,26 @@ def add_trial(
     study.add_trial(trial)
 
 
-def known_study(direction: str = "maximize") -> optuna.Study:
-    """mlp: 6 complete, 1 pruned, 1 failed; cnn: 3 complete, 2 pruned; resnet: none complete."""
+def known_study(direction: str = "maximize", *, with_pruned: bool = True) -> optuna.Study:
+    """mlp: 6 complete, 1 pruned, 1 failed; cnn: 3 complete, 2 pruned; resnet: none complete.
+
+    Maximizing, every pruned trial is worse than its architecture's complete ones, and
+    resnet's only finished trial was pruned at its best epoch (still improving). Minimizing,
+    each architecture's best value is a pruned trial's.
+    """
     study = optuna.create_study(study_name=f"known-{direction}", direction=direction)
     for value in (0.90, 0.85, 0.88, 0.80, 0.86, 0.70):
         add_trial(study, "mlp", TrialState.COMPLETE, value, epochs=[value - 0.1, value])
-    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.3])
+    if with_pruned:
+        add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.3])
     add_trial(study, "mlp", TrialState.FAIL)
     for value in (0.92, 0.91, 0.89):
         curve = [value - 0.2, value, value - 0.1]
         add_trial(study, "cnn", TrialState.COMPLETE, value, epochs=curve)
-    add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.2, 0.25])
-    add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.1])
-    add_trial(study, "resnet", TrialState.PRUNED, epochs=[0.15])
+    if with_pruned:
+        add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.2, 0.25])
+        add_trial(study, "cnn", TrialState.PRUNED, epochs=[0.1])
+        add_trial(study, "resnet", TrialState.PRUNED, epochs=[0.15])
     add_trial(study, "resnet", TrialState.FAIL)
     return study
 
@@ -241,27 +248,40 @@ def test_running_and_architecture_less_trials_are_counted() -> None:
     assert "running" in report_render.architecture_table(data).headers
 
 
-@pytest.mark.parametrize(
-    ("direction", "ranking", "best"),
-    [
-        ("maximize", ["cnn", "mlp", "resnet"], {"cnn": 0.92, "mlp": 0.90}),
-        ("minimize", ["mlp", "cnn", "resnet"], {"cnn": 0.89, "mlp": 0.70}),
-    ],
-)
-def test_best_per_architecture_respects_direction(
-    direction: str, ranking: list[str], best: dict[str, float]
-) -> None:
-    data = compute(known_study(direction))
-    assert data.direction == direction
-    assert list(data.architecture_names) == ranking
-    # resnet never completed: its best pruned trial gives it a row, ranked last.
-    assert [a.rank for a in data.architectures] == [1, 2, 3]
+def test_best_per_architecture_maximize() -> None:
+    data = compute(known_study("maximize"))
+    assert data.direction == "maximize"
+    assert list(data.architecture_names) == ["cnn", "mlp", "resnet"]
+    # resnet's only finished trial was pruned at its best epoch: under-explored, never ranked.
+    assert [a.rank for a in data.architectures] == [1, 2, None]
+    assert [a.explored for a in data.architectures] == [True, True, False]
     assert [a.from_pruned for a in data.architectures] == [False, False, True]
-    for arch, value in best.items():
+    for arch, value in {"cnn": 0.92, "mlp": 0.90}.items():
         summary = data.architecture(arch)
         assert summary.best_value == pytest.approx(value)
         assert data.trials[summary.best_trial].value == pytest.approx(value)
-    assert data.winner is not None and data.winner.architecture == ranking[0]
+    assert data.winner is not None and data.winner.architecture == "cnn"
+    assert data.verdict.best_architecture == "cnn"
+
+
+def test_best_per_architecture_minimize_uses_pruned_representatives() -> None:
+    data = compute(known_study("minimize"))
+    assert data.direction == "minimize"
+    # Minimizing, each architecture's lowest value is a pruned trial's first (and last)
+    # epoch: every representative was pruned while still improving, so none is ranked.
+    assert list(data.architecture_names) == ["cnn", "resnet", "mlp"]
+    assert [a.rank for a in data.architectures] == [None, None, None]
+    assert [a.best_value for a in data.architectures] == pytest.approx([0.1, 0.15, 0.3])
+    assert all(a.from_pruned and a.still_improving for a in data.architectures)
+    assert data.verdict.best_architecture is None
+    # The winner is still the best complete trial, what best/ holds.
+    assert data.winner is not None
+    assert (data.winner.architecture, data.winner.value) == ("mlp", pytest.approx(0.70))
+    assert "No architecture is explored enough" in data.verdict.text
+    assert "mlp trial 5, is only the best complete trial so far" in data.verdict.text
+    with_completes_only = compute(known_study("minimize", with_pruned=False))
+    assert list(with_completes_only.architecture_names) == ["mlp", "cnn", "resnet"]
+    assert [a.rank for a in with_completes_only.architectures] == [1, 2, None]
 
 
 def test_top_n_median_and_iqr() -> None:
@@ -311,12 +331,227 @@ def test_architecture_without_complete_trials_shows_its_best_pruned_trial() -> N
     table = report_render.architecture_table(data)
     row = dict(zip(table.headers, table.rows[2]))
     assert row["architecture"] == "resnet"
-    assert (row["complete"], row["pruned"], row["failed"]) == ("0", "1", "1")
-    assert row["best val_acc"] == "0.15 (pruned)"
+    assert (row["trials"], row["complete"], row["pruned"], row["failed"]) == ("2", "0", "1", "1")
+    assert row["best val_acc"] == "0.15 (pruned at epoch 0)"
+    assert row["rank"] == "–"
     for column in ("top-5 median", "top-5 IQR"):
         assert row[column] == "–"
-    assert "(pruned): no trial of that architecture completed" in (
+    assert "Representative: each architecture is described by its trial with the best" in (
         report_render.render_markdown(data))
+
+
+# --- representatives and exploration ----------------------------------------------------------
+
+
+def _slow_starter_study() -> optuna.Study:
+    """cnn: four complete trials; mlp: two complete trials near chance and one pruned trial
+    that climbed to 0.94 before the pruner cut it (one epoch after its best)."""
+    study = optuna.create_study(study_name="slow-starter", direction="maximize")
+    for value in (0.90, 0.88, 0.86, 0.85):
+        add_trial(study, "cnn", TrialState.COMPLETE, value, epochs=[value - 0.1, value])
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.10, epochs=[0.09, 0.10])
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.12, epochs=[0.11, 0.12])
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.10, 0.30, 0.60, 0.94, 0.93],
+              checkpoint="trials/6/epoch003-val_acc0.9400.pt")
+    return study
+
+
+def test_a_pruned_trial_can_represent_its_architecture() -> None:
+    study = _slow_starter_study()
+    data = compute(study, min_trials=3, results_dir="results/slow-starter")
+    mlp = data.architecture("mlp")
+    # The pruned trial's best epoch beats every complete trial of mlp (and of cnn).
+    assert (mlp.best_trial, mlp.from_pruned, mlp.pruned_at_epoch) == (6, True, 4)
+    assert mlp.best_value == pytest.approx(0.94) and mlp.best_epoch == 3
+    assert mlp.checkpoint == "trials/6/epoch003-val_acc0.9400.pt"
+    assert (mlp.explored, mlp.still_improving, mlp.rank) == (True, False, 1)
+    # The same trial measure.py scores and retrains.
+    bests = ranking.architecture_bests(study.trials, minimize=False)
+    assert {a: t.number for a, t in bests.items()} == {"cnn": 0, "mlp": 6}
+    table = report_render.architecture_table(data)
+    row = dict(zip(table.headers, table.rows[0]))
+    assert (row["architecture"], row["best val_acc"], row["best epoch"]) == (
+        "mlp", "0.94 (pruned at epoch 4)", "3")
+    assert (row["trials"], row["complete"], row["pruned"], row["epochs trained"]) == (
+        "3", "2", "1", "9")
+    assert next(c for c in data.learning_curves if c.architecture == "mlp").trial_number == 6
+    # The winner stays the best complete trial (best/), and the verdict says it differs.
+    assert data.winner is not None
+    assert (data.winner.architecture, data.winner.trial_number) == ("cnn", 0)
+    assert data.winner.representative
+    assert data.verdict.best_architecture == "mlp"
+    assert data.verdict.text.startswith(
+        "mlp is the best explored architecture: best val_acc 0.94 (pruned at epoch 4) in "
+        "trial 6.")
+    assert "The winner (the best complete trial, the model in best/) is cnn trial 0, not mlp: " \
+        "mlp's best trial was pruned" in data.verdict.text
+    assert data.exploration.under_explored == () and data.exploration.command is None
+
+
+def test_the_winner_is_measured_only_when_it_represents_its_architecture() -> None:
+    study = optuna.create_study(study_name="winner-not-rep", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.80, epochs=[0.7, 0.8])
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.85, 0.90, 0.89])
+    data = compute(study, test_metrics={"mlp": 0.88}, seed_metrics={"mlp": [0.87, 0.88]})
+    winner = data.winner
+    assert winner is not None and (winner.trial_number, winner.representative) == (0, False)
+    assert (winner.test_metric, winner.seeds.n) == (None, 0)
+    assert "not measured (the report measures mlp's representative)" in (
+        report_render.render_markdown(data))
+
+
+def _starved_study() -> optuna.Study:
+    """cnn and mlp: four complete trials each (one mlp trial failed too); resnet: two complete
+    trials, one of them the study's best."""
+    study = optuna.create_study(study_name="starved", direction="maximize")
+    for i in range(4):
+        add_trial(study, "cnn", TrialState.COMPLETE, 0.90 - 0.01 * i, epochs=[0.8, 0.90 - 0.01 * i])
+        add_trial(study, "mlp", TrialState.COMPLETE, 0.85 - 0.01 * i, epochs=[0.8, 0.85 - 0.01 * i])
+    add_trial(study, "mlp", TrialState.FAIL)
+    add_trial(study, "resnet", TrialState.COMPLETE, 0.97, epochs=[0.5, 0.97])
+    add_trial(study, "resnet", TrialState.COMPLETE, 0.60, epochs=[0.5, 0.60])
+    return study
+
+
+def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Path) -> None:
+    study = _starved_study()
+    data = compute(
+        study, min_trials=4, prune_within_architecture=True, results_dir="results/starved",
+        seed_metrics={"cnn": [0.90, 0.91, 0.92], "mlp": [0.84, 0.85, 0.86],
+                      "resnet": [0.95, 0.96, 0.97]},
+    )
+    assert list(data.architecture_names) == ["cnn", "mlp", "resnet"]
+    resnet = data.architecture("resnet")
+    assert (resnet.rank, resnet.explored) == (None, False)
+    assert resnet.exploration_note == "2 of 4 finished trials"
+    # The verdict is over cnn and mlp only, although resnet has the best value.
+    assert data.verdict.best_architecture == "cnn"
+    assert (data.gap.leader, data.gap.runner_up, data.gap.verdict) == ("cnn", "mlp", "separated")
+    assert data.winner is not None and data.winner.architecture == "resnet"
+    assert "is resnet trial 9, not cnn: resnet is under-explored" in data.verdict.text
+    exploration = data.exploration
+    assert exploration.under_explored == ("resnet",)
+    # 11 trials count towards n_trials (the failed one too); resnet needs 2 more.
+    assert (exploration.trials_to_add, exploration.n_trials) == (2, 13)
+    assert exploration.command == (
+        "python -m hpsearch.run results/starved/config.yaml --results-dir results "
+        "--n-trials 13")
+    assert exploration.advice is not None
+    assert exploration.advice.startswith(
+        "Under-explored, so not judged: resnet (2 of 4 finished trials). It needs 2 more trials")
+
+    paths = write_report(data, study, tmp_path)
+    rows = {row["architecture"]: row for row in _read_csv(paths["architectures_csv"])}
+    assert (rows["resnet"]["explored"], rows["resnet"]["exploration_note"]) == (
+        "False", "2 of 4 finished trials")
+    assert (rows["cnn"]["explored"], rows["cnn"]["exploration_note"]) == ("True", "")
+    assert rows["resnet"]["rank"] == ""
+
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    table = markdown.split("## Architectures", 1)[1].split("## ", 1)[0]
+    resnet_line = next(line for line in table.splitlines() if line.startswith("| resnet "))
+    assert "| under-explored: 2 of 4 finished trials |" in resnet_line
+    assert "**Verdict (separated):** cnn is the best explored architecture" in markdown
+    assert "**More trials needed:** Under-explored, so not judged: resnet" in markdown
+    assert f"```sh\n{exploration.command}\n```" in markdown
+    assert "Minimum trials per architecture (study.min_trials_per_architecture): 4." in markdown
+    assert "Pruning within architecture (study.prune_within_architecture): on" in markdown
+    assert "Under-explored: an architecture with fewer than 4 finished" in markdown
+
+    page = paths["html"].read_text(encoding="utf-8")
+    row_html = re.search(r'<tr class="under-explored"><td>resnet(.*?)</tr>', page)
+    assert row_html is not None
+    assert '<span class="badge under-explored">under-explored</span>' in row_html.group(1)
+    assert re.search(r'<tr class="leader"><td>cnn</td>', page)
+    assert page.count('<tr class="under-explored">') == 2  # architectures and seeds tables
+    assert f"<pre><code>{exploration.command}</code></pre>" in page
+
+    bare = compute(study, min_trials=4)
+    assert bare.exploration.command == "python -m hpsearch.run <study file> --n-trials 13"
+    assert "Pruning within architecture (study.prune_within_architecture): unknown" in (
+        report_render.render_markdown(bare))
+
+
+def test_no_explored_architecture_names_no_best() -> None:
+    data = compute(_starved_study(), min_trials=5)
+    assert data.verdict.best_architecture is None
+    assert [a.rank for a in data.architectures] == [None, None, None]
+    assert data.verdict.text == (
+        "No architecture is explored enough to name a best one. The winner below, resnet "
+        "trial 9, is only the best complete trial so far.")
+    assert data.gap.verdict == "n/a" and data.gap.leader is None
+    # cnn 4, mlp 4 (the failed trial is not finished), resnet 2 of 5.
+    assert (data.exploration.trials_to_add, data.exploration.n_trials) == (1 + 1 + 3, 16)
+
+
+@pytest.mark.parametrize(("curve", "improving"), [
+    ([0.10, 0.40, 0.57], True),   # best epoch 2 is the last it trained: cut while climbing
+    ([0.10, 0.60, 0.57], False),  # it had peaked at epoch 1
+])
+def test_a_representative_pruned_while_still_improving_is_under_explored(
+    curve: list[float], improving: bool
+) -> None:
+    study = optuna.create_study(study_name="improving", direction="maximize")
+    add_trial(study, "resnet", TrialState.COMPLETE, 0.10, epochs=[0.09, 0.10])
+    add_trial(study, "resnet", TrialState.COMPLETE, 0.11, epochs=[0.09, 0.11])
+    add_trial(study, "resnet", TrialState.PRUNED, epochs=curve)
+    for value in (0.50, 0.52, 0.51):
+        add_trial(study, "cnn", TrialState.COMPLETE, value, epochs=[value])
+    data = compute(study, min_trials=2)
+    slow = data.architecture("resnet")
+    assert (slow.best_trial, slow.from_pruned, slow.pruned_at_epoch) == (2, True, 2)
+    assert (slow.still_improving, slow.explored) == (improving, not improving)
+    if improving:
+        assert slow.exploration_note == (
+            "its best trial 2 was pruned at epoch 2 while still improving")
+        assert slow.rank is None and data.verdict.best_architecture == "cnn"
+        # It has its 2 trials already; still improving, it needs at least one more.
+        assert (data.exploration.under_explored, data.exploration.trials_to_add) == (("resnet",), 1)
+        assert data.exploration.n_trials == 7
+    else:
+        assert slow.exploration_note is None
+        assert slow.rank == 1 and data.verdict.best_architecture == "resnet"
+        assert data.exploration.under_explored == ()
+
+
+def test_search_effort_is_cumulative_by_completion_time() -> None:
+    study = optuna.create_study(study_name="effort", direction="maximize")
+    add_trial(study, "mlp", TrialState.COMPLETE, 0.8, epochs=[0.6, 0.7, 0.8], start=T0,
+              minutes=10)
+    add_trial(study, "cnn", TrialState.COMPLETE, 0.9, epochs=[0.8, 0.9], start=T0, minutes=2)
+    add_trial(study, "mlp", TrialState.PRUNED, epochs=[0.2],
+              start=T0 + timedelta(minutes=1), minutes=3)
+    add_trial(study, "mlp", TrialState.FAIL, start=T0 + timedelta(minutes=5), minutes=2)
+    running = optuna.create_trial(
+        state=TrialState.RUNNING, params={"architecture": "cnn"},
+        distributions={"architecture": CategoricalDistribution(list(ARCHS))},
+        user_attrs={"architecture": "cnn", "history": _history([0.5, 0.6])},
+    )
+    running.datetime_start = T0 + timedelta(minutes=3)
+    study.add_trial(running)
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params={"architecture": "mlp"},
+        distributions={"architecture": CategoricalDistribution(list(ARCHS))},
+    ))
+    now = T0 + timedelta(minutes=30)
+    data = compute(study, now=now)
+    effort = {e.architecture: e for e in data.effort}
+    assert [e.architecture for e in data.effort] == list(data.architecture_names)
+    mlp, cnn = effort["mlp"], effort["cnn"]
+    minutes = [(t - T0).total_seconds() / 60 for t in mlp.times]
+    assert minutes == [4, 7, 10]  # by completion time, not trial number
+    assert mlp.trial_numbers == (2, 3, 0)
+    assert mlp.states == ("PRUNED", "FAIL", "COMPLETE")
+    assert (mlp.trials, mlp.epochs) == ((1, 2, 3), (1, 1, 4))  # the waiting trial never ran
+    assert cnn.times == (T0 + timedelta(minutes=2), now)  # the running trial counts now
+    assert (cnn.trials, cnn.epochs) == ((1, 2), (2, 4))
+    assert data.architecture("mlp").total_epochs == 4
+    assert data.architecture("cnn").total_epochs == 4
+
+    section = next(s for s in report_figures.draw_figures(data) if s.key == "effort")
+    assert section.figure is not None
+    assert sorted({trace.name for trace in section.figure.data}) == ["cnn", "mlp"]
+    assert len(section.figure.data) == 4  # trials and epochs for each architecture
 
 
 # --- seeds and the gap verdict ----------------------------------------------------------------
@@ -367,7 +602,10 @@ def test_t_quantile_matches_scipy() -> None:
     ],
 )
 def test_gap_verdict(direction: str, seeds: dict[str, list[float]], verdict: str) -> None:
-    data = compute(known_study(direction), seed_metrics=seeds)
+    # Minimizing, the pruned trials' low accuracies would be the representatives (each pruned
+    # while still improving, so under-explored): leave them out to judge mlp against cnn.
+    study = known_study(direction, with_pruned=direction == "maximize")
+    data = compute(study, seed_metrics=seeds)
     gap = data.gap
     assert gap.verdict == verdict
     assert (gap.leader, gap.runner_up) == tuple(data.architecture_names[:2])
@@ -462,8 +700,9 @@ def test_no_complete_trials() -> None:
     data = compute(study)
     assert data.winner is None
     assert data.gap.verdict == "n/a"
+    # mlp's only trial was pruned at its best epoch (still improving): shown, never ranked.
     assert [(a.architecture, a.rank, a.from_pruned) for a in data.architectures] == [
-        ("mlp", 1, True), ("cnn", None, False),
+        ("mlp", None, True), ("cnn", None, False),
     ]
     assert [c.architecture for c in data.learning_curves] == ["mlp"]
     assert data.history.values == ()
@@ -484,6 +723,8 @@ def test_rejects_unknown_architectures_and_multi_objective() -> None:
         compute(known_study(), seed_metrics={"vit": [0.9]})
     with pytest.raises(ValueError, match="single-objective"):
         compute(optuna.create_study(directions=["minimize", "maximize"]))
+    with pytest.raises(ValueError, match="min_trials"):
+        compute(known_study(), min_trials=-1)
 
 
 def test_nan_values_do_not_crash() -> None:
@@ -633,6 +874,10 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert float(by_name["resnet"]["best_val_acc"]) == pytest.approx(0.15)
     assert (by_name["resnet"]["best_from_pruned"], by_name["cnn"]["best_from_pruned"]) == (
         "True", "False")
+    assert [row["explored"] for row in archs] == ["True", "True", "False"]
+    assert [row["rank"] for row in archs] == ["1", "2", ""]
+    assert by_name["resnet"]["pruned_at_epoch"] == "0"
+    assert (by_name["mlp"]["trials"], by_name["mlp"]["total_epochs"]) == ("8", "13")
 
     trials = _read_csv(paths["trials_csv"])
     assert len(trials) == len(study.trials)
@@ -643,7 +888,7 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert trials[0]["param_depth"] == ""  # conditional params are blank where not sampled
 
     markdown = paths["markdown"].read_text(encoding="utf-8")
-    assert "| architecture | complete | pruned | failed |" in markdown
+    assert "| architecture | rank | explored | trials | complete | pruned | failed |" in markdown
     assert "**Verdict (separated):**" in markdown
     assert "do not overlap" in markdown
     assert 'hpsearch.load_best_model("results/known-maximize")' in markdown
@@ -738,8 +983,8 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
 def test_draw_figures_sections() -> None:
     sections = report_figures.draw_figures(compute(known_study()))
     assert [s.key for s in sections] == [
-        "values", "learning-curves", "history", "intermediate", "importances", "parallel",
-        "timeline",
+        "values", "effort", "learning-curves", "history", "intermediate", "importances",
+        "parallel", "timeline",
     ]
     by_key = {s.key: s for s in sections}
     # Too few trials for importances: a note instead of a figure, never an exception.

@@ -39,7 +39,7 @@ def _assert_rendered(dom: str, errors: list[str], figure_ids: set[str]) -> None:
 def test_every_figure_renders_without_console_errors(tmp_path: Path) -> None:
     page, figure_ids = _write(random_study(40, name="browser"), tmp_path)
     assert figure_ids == {
-        "fig-values", "fig-learning-curves", "fig-history", "fig-intermediate",
+        "fig-values", "fig-effort", "fig-learning-curves", "fig-history", "fig-intermediate",
         "fig-importances", "fig-parallel", "fig-timeline",
     }
     shown = render(
@@ -62,10 +62,14 @@ def test_report_without_complete_trials_renders(tmp_path: Path) -> None:
     add_trial(study, "cnn", TrialState.FAIL)
     page, figure_ids = _write(study, tmp_path)
     # The pruned trial still has a learning curve (mlp is described by its best pruned trial).
-    assert figure_ids == {"fig-intermediate", "fig-timeline", "fig-learning-curves"}
+    assert figure_ids == {
+        "fig-intermediate", "fig-timeline", "fig-learning-curves", "fig-effort",
+    }
     dom, errors = dump_dom(file_url(page), budget_ms=5_000)
     _assert_rendered(dom, errors, figure_ids)
     assert "No winner yet" in dom and METRIC in dom
+    # Pruned at its best epoch, mlp is under-explored: a styled row with a badge.
+    assert '<tr class="under-explored"><td>mlp<span class="badge under-explored">' in dom
 
 
 def test_console_errors_are_caught(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from hpsearch.workers.slots import Slot
 pytestmark = pytest.mark.slow
 
 STUDY = tiny(
+    # Each architecture gets its 3 of the 6 trials, so the report ranks both.
+    study={"min_trials_per_architecture": 3},
     model={"architecture": {
         "linear": {},
         "mlp": {"hidden": {"type": "int", "low": 16, "high": 64, "log": True}},
@@ -97,6 +99,37 @@ def test_study_file_and_no_seeds(study_run, capsys) -> None:
         assert math.isfinite(float(row["test_acc"]))
         assert (row["seed_n"], row["seed_values"]) == ("0", "")
     assert "winner: " in capsys.readouterr().out
+
+
+def test_the_suggested_command_tops_up_under_explored_architectures(tmp_path: Path) -> None:
+    # Two trials, one per architecture, of the two each needs: neither is judged, and the
+    # report's command continues the study until both have theirs.
+    study = write_study(tmp_path, derive(STUDY, study={"n_trials": 2,
+                                                       "min_trials_per_architecture": 2},
+                                         report={"enabled": True, "seeds": 0}))
+    out = _python(tmp_path, "hpsearch.run", str(study), "--results-dir", "res")
+    assert out.returncode == 0, out.stdout + out.stderr
+    folder = tmp_path / "res/tiny"
+    rows = _architectures(folder)
+    assert {name: (row["explored"], row["rank"], row["exploration_note"])
+            for name, row in rows.items()} == {
+        "linear": ("False", "", "1 of 2 finished trials"),
+        "mlp": ("False", "", "1 of 2 finished trials"),
+    }
+    markdown = (folder / "report.md").read_text()
+    assert "No architecture is explored enough to name a best one." in markdown
+    command = markdown.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    assert command == ("python -m hpsearch.run res/tiny/config.yaml --results-dir res "
+                       "--n-trials 4")
+
+    again = _python(tmp_path, *command.split()[2:])
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = _architectures(folder)
+    assert {name: (row["explored"], row["trials"]) for name, row in rows.items()} == {
+        "linear": ("True", "2"), "mlp": ("True", "2"),
+    }
+    assert sorted(row["rank"] for row in rows.values()) == ["1", "2"]
+    assert "More trials needed" not in (folder / "report.md").read_text()
 
 
 def test_missing_target_exits_2_with_one_line(tmp_path: Path) -> None:

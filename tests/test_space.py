@@ -9,7 +9,7 @@ import pytest
 from studyfiles import TINY
 
 from hpsearch.config import parse_config
-from hpsearch.space import from_params, sample
+from hpsearch.space import from_params, sample, to_optuna_names
 
 
 def _config(**study):
@@ -30,7 +30,8 @@ def test_conditional_parameters_follow_the_architecture() -> None:
         seen.add(params.architecture)
         assert set(params.model) == own[params.architecture]
         searched = set(trial.params) - {"architecture", "lr"}
-        assert searched == own[params.architecture]
+        # An architecture's own parameters are qualified by it in Optuna: "cnn1d.depth".
+        assert searched == {f"{params.architecture}.{key}" for key in own[params.architecture]}
         assert params.train["batch_size"] == 64 and params.train["optimizer"] == "adam"
         assert 1e-3 <= params.train["lr"] <= 1e-2
     assert seen == set(own)
@@ -55,7 +56,7 @@ def test_enqueued_parameters_are_used_first() -> None:
     config = _config(enqueue=[fixed])
     study = optuna.create_study()
     for p in config.study.enqueue:
-        study.enqueue_trial(p)
+        study.enqueue_trial(to_optuna_names(p, config))
     trial = study.ask()
     params = sample(trial, config)
     assert params.flat() | fixed == params.flat()
@@ -73,3 +74,31 @@ def test_from_params_rejects_missing_values() -> None:
     config = _config()
     with pytest.raises(ValueError):
         from_params({"architecture": "mlp"}, config)
+
+
+def test_architectures_sharing_a_name_get_distinct_optuna_parameters() -> None:
+    # mlp and gru both call their width "hidden"; TPE must model each on its own values.
+    raw = copy.deepcopy(TINY)
+    raw["model"]["architecture"] = {
+        "mlp": {"hidden": {"type": "int", "low": 16, "high": 64}},
+        "gru": {"hidden": {"type": "int", "low": 4, "high": 8}},
+    }
+    config = parse_config(raw, "s.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    names = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = sample(trial, config)
+        study.tell(trial, 0.0)
+        names |= set(trial.params)
+        # The factory still receives the bare name.
+        assert set(params.model) == {"hidden"}
+    assert {"mlp.hidden", "gru.hidden"} <= names and "hidden" not in names
+
+
+def test_bare_names_of_an_older_study_still_read_back() -> None:
+    config = _config()
+    old = {"architecture": "mlp", "hidden": 32, "lr": 0.005}
+    new = {"architecture": "mlp", "mlp.hidden": 32, "lr": 0.005}
+    assert from_params(old, config) == from_params(new, config)
+    assert from_params(old, config).model == {"hidden": 32}

@@ -2,6 +2,13 @@
 
 Runs in the worker that finished the trial, under a lock, so parallel workers never delete a
 checkpoint another worker just protected.
+
+A finished trial can no longer be changed in Optuna, so its ``checkpoint`` user attribute
+keeps naming a file after the file is deleted. The study records each deletion instead (a
+``hpsearch:retired_checkpoint:<trial number>`` study system attribute, one key per trial so
+parallel workers never overwrite each other), before the files go, whatever artifact store is
+configured; :func:`retired_checkpoints` reads it back for everything that shows or reads a
+trial's ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch import attrs
 from hpsearch.checkpoint.trial_files import TrialFiles
 from hpsearch.config import StudyConfig
 from hpsearch.files import atomic_write_json, file_lock
+from hpsearch.optuna_private import storage_of, study_id
 from hpsearch.ranking import architecture_of, complete_value, pruned_value, rank_key
 from hpsearch.results import ResultsLayout
 from hpsearch.storage.trials import TrialIndex
+
+# A study system attribute per trial whose checkpoint was deleted (its suffix: the trial
+# number; its value: the deleted path). Its name belongs with the others in hpsearch.attrs.
 
 
 def select_kept(
@@ -37,8 +50,8 @@ def select_kept(
         pruned: (number, best value, architecture) of PRUNED trials.
 
     Returns:
-        The top-k trial numbers, plus each architecture's best (the report evaluates those):
-        its best complete trial, or its best pruned one when none completed.
+        The top-k trial numbers, plus, for each architecture, its best complete trial and its
+        representative (its best trial, pruned ones included: the report evaluates it).
     """
     def ranked(rows: Iterable[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
         finite = [t for t in rows if t[1] is not None and math.isfinite(t[1])]
@@ -46,11 +59,12 @@ def select_kept(
 
     complete = ranked(trials)
     kept = {t[0] for t in complete[:keep_top_k_trials]}
-    seen: set[str] = set()
-    for number, _, arch in complete + ranked(pruned):
-        if arch not in seen:
-            seen.add(arch)
-            kept.add(number)
+    for rows in (complete, ranked([*complete, *pruned])):
+        seen: set[str] = set()
+        for number, _, arch in rows:
+            if arch not in seen:
+                seen.add(arch)
+                kept.add(number)
     return kept
 
 
@@ -128,6 +142,7 @@ class Retention:
                 # A failed trial awaiting its resume keeps its files: the retry adopts them.
                 if number in kept or number in self.index.retried:
                     continue
+                _record_retired(study, self.index.finished[number])
                 folder = layout.trial(number)
                 if folder.exists():
                     TrialFiles(folder, "", "", 1).delete_all()
@@ -135,6 +150,29 @@ class Retention:
                 deleted.append(number)
             atomic_write_json(holders_path, sorted(holders), durable=False)
         return deleted
+
+
+def _record_retired(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Record in the study that ``trial``'s checkpoint is about to be deleted."""
+    checkpoint = trial.user_attrs.get(attrs.CHECKPOINT)
+    if checkpoint:
+        storage_of(study).set_study_system_attr(
+            study_id(study), attrs.RETIRED_CHECKPOINT_PREFIX + str(trial.number), checkpoint
+        )
+
+
+def retired_checkpoints(storage: BaseStorage, study_number: int) -> set[int]:
+    """Trials of a study whose ``checkpoint`` names a file retention deleted.
+
+    Args:
+        storage: The study's storage.
+        study_number: The study's id in it.
+    """
+    return {
+        int(key.removeprefix(attrs.RETIRED_CHECKPOINT_PREFIX))
+        for key in storage.get_study_system_attrs(study_number)
+        if key.startswith(attrs.RETIRED_CHECKPOINT_PREFIX)
+    }
 
 
 def discard_resume_state(layout: ResultsLayout, number: int) -> None:

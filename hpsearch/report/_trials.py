@@ -83,6 +83,19 @@ def epoch_of(entry: Mapping[str, Any], index: int) -> int:
     return index if epoch is None else epoch
 
 
+def last_epoch(trial: FrozenTrial) -> int | None:
+    """The last epoch the trial trained: its history's last record, else its last report."""
+    records = history(trial)
+    if records:
+        return epoch_of(records[-1], len(records) - 1)
+    return max(trial.intermediate_values) if trial.intermediate_values else None
+
+
+def epochs_trained(trial: FrozenTrial) -> int:
+    """How many epochs the trial trained (the records of its history)."""
+    return len(history(trial))
+
+
 def time_to_best(trial: FrozenTrial) -> float | None:
     """Training seconds until the end of the trial's best epoch."""
     best_epoch = attr_int(trial, attrs.BEST_EPOCH)

@@ -23,7 +23,7 @@ def build_report(
 ) -> dict[str, Path]:
     """Write the report of ``study`` into its results folder.
 
-    Scores each architecture's best checkpoint on the test split, retrains its best
+    Scores each architecture's representative checkpoint on the test split, retrains its
     configuration with ``config.report.seeds`` fresh seeds over ``slots``, computes the report
     data and writes ``report.html``, ``report.md``, ``architectures.csv`` and ``trials.csv``.
 
@@ -52,5 +52,7 @@ def build_report(
         seed_metrics=measured.seed_metrics,
         top_n=config.report.top_n,
         results_dir=layout.root,
+        min_trials=config.study.min_trials_per_architecture,
+        prune_within_architecture=config.study.prune_within_architecture,
     )
     return write_report(data, study, layout)

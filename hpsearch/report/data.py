@@ -18,6 +18,8 @@ UNKNOWN_ARCHITECTURE = "(unknown)"
 """The architecture shown for trials that record none (counted, never ranked)."""
 # PED-ANOVA looks at the top 10% of trials; below this many it ranks noise.
 MIN_TRIALS_FOR_IMPORTANCE = 10
+UNDER_EXPLORED = "under-explored"
+"""The label of an architecture the search did not explore enough to judge."""
 GAP_RULE = (
     "the 95% Student-t confidence intervals of the two architectures' seed-retrain test "
     "metrics do not overlap"
@@ -38,6 +40,11 @@ class StateCounts(NamedTuple):
     def total(self) -> int:
         """All trials, whatever their state."""
         return self.complete + self.pruned + self.failed + self.running
+
+    @property
+    def finished(self) -> int:
+        """Trials that trained to an end, COMPLETE or PRUNED: what exploration counts."""
+        return self.complete + self.pruned
 
 
 class SeedSummary(NamedTuple):
@@ -61,14 +68,25 @@ class SeedSummary(NamedTuple):
 
 
 class ArchitectureSummary(NamedTuple):
-    """One row of the per-architecture table."""
+    """One row of the per-architecture table.
+
+    The row describes the architecture's *representative*
+    (:func:`hpsearch.ranking.architecture_bests`): its trial with the best best-epoch
+    validation value, pruned trials included, ties to the earlier trial. Its checkpoint gives
+    ``test_metric`` and its configuration the seed retrains.
+    """
 
     architecture: str
     rank: int | None
-    """1 = best validation value; None when the architecture has no complete trial."""
+    """1 = best representative value among *explored* architectures; None for an
+    under-explored architecture (never ranked: the search did not test it enough) and for one
+    without a finished trial."""
     counts: StateCounts
     best_trial: int | None
+    """The representative's trial number."""
     best_value: float | None
+    """The representative's best-epoch validation value (a pruned trial's best before it was
+    stopped)."""
     top_values: tuple[float, ...]
     """Values of the top ``top_n`` complete trials, best first."""
     top_median: float | None
@@ -76,20 +94,36 @@ class ArchitectureSummary(NamedTuple):
     """25th percentile of ``top_values`` (numpy's linear interpolation)."""
     top_q3: float | None
     test_metric: float | None
-    """Test-split metric of the best checkpoint (:mod:`hpsearch.report.measure`)."""
+    """Test-split metric of the representative's checkpoint (:mod:`hpsearch.report.measure`)."""
     seeds: SeedSummary
     n_params: int | None
     best_epoch: int | None
+    """The epoch of the representative's best value."""
     time_to_best: float | None
-    """Training seconds until the end of the best epoch of the best trial."""
+    """Training seconds until the end of the representative's best epoch."""
     total_train_seconds: float | None
     """Training seconds summed over every trial of this architecture, whatever its state."""
     best_params: dict[str, Any]
     checkpoint: str | None
-    """Best trial's checkpoint, relative to the study's results folder."""
+    """The representative's checkpoint, relative to the study's results folder."""
     from_pruned: bool = False
-    """No trial of this architecture completed: the row describes its best pruned trial
-    (best value over the epochs it ran), ranked after every architecture that completed."""
+    """The representative is a PRUNED trial (its value is its best before it was stopped)."""
+    pruned_at_epoch: int | None = None
+    """The last epoch a pruned representative trained; None when it completed."""
+    total_epochs: int = 0
+    """Epochs trained, summed over every trial of this architecture (its search effort)."""
+    explored: bool = True
+    """Explored enough to be ranked and judged: at least ``min_trials`` finished trials (one
+    at least), and a representative that was not pruned while still improving."""
+    exploration_note: str | None = None
+    """Why the architecture is not explored enough, e.g. ``2 of 4 finished trials``."""
+    still_improving: bool = False
+    """The representative was pruned at its best epoch, i.e. while still improving."""
+
+    @property
+    def n_trials(self) -> int:
+        """Trials of this architecture, whatever their state."""
+        return self.counts.total
 
 
 class GapVerdict(NamedTuple):
@@ -103,8 +137,40 @@ class GapVerdict(NamedTuple):
     text: str
 
 
+class Exploration(NamedTuple):
+    """Which architectures the search explored enough to judge, and how to explore the rest."""
+
+    min_trials: int
+    """``study.min_trials_per_architecture``: finished trials an architecture needs."""
+    prune_within_architecture: bool | None
+    """``study.prune_within_architecture``; None when unknown."""
+    under_explored: tuple[str, ...]
+    """Architectures the verdict does not judge, in table order."""
+    trials_to_add: int
+    """Sum over ``under_explored`` of ``min_trials`` minus its finished trials, at least one
+    each (an architecture still improving when pruned needs at least one more)."""
+    n_trials: int | None
+    """The ``--n-trials`` to rerun with: the trials the study counts now plus
+    ``trials_to_add``; None when nothing is under-explored."""
+    command: str | None
+    """The command that continues the study with ``n_trials``."""
+    advice: str | None
+    """Which architectures need more trials and why, as a sentence; the command follows it."""
+
+
+class Verdict(NamedTuple):
+    """What the report concludes, over explored architectures only."""
+
+    best_architecture: str | None
+    """The best explored architecture by representative value; None when none is explored."""
+    text: str
+    """The best architecture, the gap to the next one against seed noise, and how the winner
+    relates to them; the exploration advice is in :class:`Exploration`."""
+
+
 class Winner(NamedTuple):
-    """The best architecture's best trial, and how to load it."""
+    """The study's best COMPLETE trial (:func:`hpsearch.ranking.best_trial`, what ``best/``
+    holds), and how to load it."""
 
     architecture: str
     trial_number: int
@@ -118,6 +184,9 @@ class Winner(NamedTuple):
     checkpoint_path: str | None
     """``checkpoint`` joined to the results folder, when that folder is known."""
     load_call: str
+    representative: bool = True
+    """The trial is its architecture's representative, so ``test_metric`` and ``seeds`` are
+    its own; when not (a pruned trial of the same architecture did better), both are unset."""
 
 
 class TrialRow(NamedTuple):
@@ -240,6 +309,20 @@ class Timeline(NamedTuple):
     end: datetime | None
 
 
+class ArchitectureEffort(NamedTuple):
+    """One architecture's search effort over time: cumulative trials and epochs, one point
+    per trial, in order of the time each trial finished (a running trial at the report time)."""
+
+    architecture: str
+    times: tuple[datetime, ...]
+    trial_numbers: tuple[int, ...]
+    states: tuple[str, ...]
+    trials: tuple[int, ...]
+    """Trials of this architecture finished (or running) by each time."""
+    epochs: tuple[int, ...]
+    """Epochs those trials trained, summed."""
+
+
 @dataclass(frozen=True)
 class ReportData:
     """Everything the report shows, computed from a study; no I/O, no drawing."""
@@ -254,9 +337,13 @@ class ReportData:
     results_dir: str | None
     counts: StateCounts
     architectures: tuple[ArchitectureSummary, ...]
-    """Ranked by best validation value; architectures without complete trials come last."""
+    """Explored architectures by rank, then under-explored ones by representative value, then
+    those without a finished trial by name."""
     winner: Winner | None
     gap: GapVerdict
+    """The gap between the two best *explored* architectures against seed noise."""
+    verdict: Verdict
+    exploration: Exploration
     trials: tuple[TrialRow, ...]
     param_names: tuple[str, ...]
     value_points: tuple[ValuePoints, ...]
@@ -266,6 +353,8 @@ class ReportData:
     importances: tuple[Importances, ...]
     parallel: tuple[ParallelCoordinates, ...]
     timeline: Timeline
+    effort: tuple[ArchitectureEffort, ...]
+    """Search effort per architecture over time, architectures in table order."""
 
     @property
     def maximize(self) -> bool:
@@ -301,6 +390,16 @@ def fmt_num(value: float | None, digits: int = 4) -> str:
     if math.isnan(value):
         return "NaN"
     return f"{value:.{digits}g}"
+
+
+def fmt_best_value(summary: ArchitectureSummary) -> str:
+    """An architecture's representative value, marked when it comes from a pruned trial:
+    ``0.9412 (pruned at epoch 6)``."""
+    text = fmt_num(summary.best_value)
+    if summary.from_pruned:
+        at = "" if summary.pruned_at_epoch is None else f" at epoch {summary.pruned_at_epoch}"
+        text += f" (pruned{at})"
+    return text
 
 
 def fmt_ci(seeds: SeedSummary) -> str:

@@ -12,7 +12,7 @@ from datetime import datetime
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import attrs
 from hpsearch.metrics import named
@@ -22,11 +22,13 @@ from hpsearch.report._trials import (
     as_float,
     as_str,
     epoch_of,
+    epochs_trained,
     float_or_nan,
     history,
 )
 from hpsearch.report.data import (
     MIN_TRIALS_FOR_IMPORTANCE,
+    ArchitectureEffort,
     ArchitectureSummary,
     Importances,
     IntermediateCurve,
@@ -281,3 +283,44 @@ def _union_seconds(intervals: Sequence[tuple[datetime, datetime]]) -> float:
     if current_start is not None and current_end is not None:
         total += (current_end - current_start).total_seconds()
     return total
+
+
+def search_effort(
+    trials: Sequence[FrozenTrial], order: Sequence[str], now: datetime
+) -> tuple[ArchitectureEffort, ...]:
+    """Cumulative trials and epochs of each architecture over time, architectures in
+    ``order``.
+
+    A trial counts from the time it finished, whatever its state (a failed trial was effort
+    too), a running one at ``now`` with the epochs it has trained so far; a trial that never
+    started (WAITING) does not count.
+    """
+    points: dict[str, list[tuple[datetime, int, str, int]]] = {name: [] for name in order}
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            moment = now
+        elif trial.state == TrialState.WAITING or trial.datetime_complete is None:
+            continue
+        else:
+            moment = trial.datetime_complete
+        points.setdefault(architecture(trial), []).append(
+            (moment, trial.number, trial.state.name, epochs_trained(trial))
+        )
+    efforts = []
+    for name, entries in points.items():
+        entries.sort(key=lambda e: (e[0], e[1]))
+        cumulative_epochs, total = [], 0
+        for entry in entries:
+            total += entry[3]
+            cumulative_epochs.append(total)
+        efforts.append(
+            ArchitectureEffort(
+                architecture=name,
+                times=tuple(e[0] for e in entries),
+                trial_numbers=tuple(e[1] for e in entries),
+                states=tuple(e[2] for e in entries),
+                trials=tuple(range(1, len(entries) + 1)),
+                epochs=tuple(cumulative_epochs),
+            )
+        )
+    return tuple(efforts)

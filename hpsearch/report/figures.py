@@ -17,6 +17,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from hpsearch.report.data import (
+    ArchitectureEffort,
     Importances,
     IntermediateCurve,
     LearningCurve,
@@ -36,6 +37,7 @@ __all__ = [
     "plot_learning_curves",
     "plot_optimization_history",
     "plot_parallel_coordinates",
+    "plot_search_effort",
     "plot_timeline",
     "plot_values_by_architecture",
 ]
@@ -85,6 +87,7 @@ def draw_figures(data: ReportData) -> list[FigureSection]:
             else None,
             no_complete,
         ),
+        _effort_section(data, colors),
         _learning_curves_section(data, colors),
         FigureSection(
             "history",
@@ -117,17 +120,34 @@ def draw_figures(data: ReportData) -> list[FigureSection]:
     return sections
 
 
+def _effort_section(data: ReportData, colors: Mapping[str, str]) -> FigureSection:
+    drawn = [e for e in data.effort if e.times]
+    under = data.exploration.under_explored
+    note = None
+    if under:
+        note = "Under-explored: " + ", ".join(under) + "."
+    return FigureSection(
+        "effort",
+        "Search effort per architecture",
+        "Trials and epochs each architecture has had, cumulative, by the time each trial "
+        "finished (a running trial counts at the report time); a starved architecture stays "
+        "flat.",
+        plot_search_effort(drawn, colors) if drawn else None,
+        note if drawn else "No trial has finished yet.",
+    )
+
+
 def _learning_curves_section(data: ReportData, colors: Mapping[str, str]) -> FigureSection:
     curves = [c for c in data.learning_curves if c.epochs]
     missing = [c.architecture for c in data.learning_curves if not c.epochs]
     note = None
     if not data.learning_curves:
-        note = "No complete trials yet."
+        note = "No trial has finished with a value yet."
     elif missing:
         note = "No per-epoch history recorded for: " + ", ".join(missing) + "."
     return FigureSection(
         "learning-curves",
-        "Learning curves of each architecture's best trial",
+        "Learning curves of each architecture's representative",
         f"Train (solid) and validation (dashed) loss, and validation {data.metric}, per epoch; "
         "the star marks the best epoch.",
         plot_learning_curves(curves, data.metric, colors) if curves else None,
@@ -188,6 +208,35 @@ def plot_values_by_architecture(
     return fig
 
 
+def plot_search_effort(
+    efforts: Sequence[ArchitectureEffort], colors: Mapping[str, str]
+) -> go.Figure:
+    """Cumulative trials (left) and epochs (right) over time, one step line per
+    architecture."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("trials", "epochs trained"),
+                        horizontal_spacing=0.1)
+    for e in efforts:
+        color = colors.get(e.architecture)
+        times = [t.isoformat() for t in e.times]
+        custom = [[n, state.lower()] for n, state in zip(e.trial_numbers, e.states)]
+        for col, values, what in ((1, e.trials, "trials"), (2, e.epochs, "epochs")):
+            fig.add_trace(
+                go.Scatter(
+                    x=times, y=list(values), mode="lines+markers", name=e.architecture,
+                    legendgroup=e.architecture, showlegend=col == 1,
+                    line={"color": color, "shape": "hv"}, marker={"size": 5},
+                    customdata=custom,
+                    hovertemplate=f"{e.architecture}<br>%{{x}}<br>{what} %{{y}}<br>after trial "
+                    "%{customdata[0]} (%{customdata[1]})<extra></extra>",
+                ),
+                row=1, col=col,
+            )
+    fig.update_xaxes(type="date")
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(template=_TEMPLATE, height=420, margin=_MARGIN, legend_title="architecture")
+    return fig
+
+
 def plot_learning_curves(
     curves: Sequence[LearningCurve], metric: str, colors: Mapping[str, str]
 ) -> go.Figure:
@@ -231,7 +280,8 @@ def plot_learning_curves(
                 row=1, col=2,
             )
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(template=_TEMPLATE, height=440, margin=_MARGIN, legend_title="best trial")
+    fig.update_layout(template=_TEMPLATE, height=440, margin=_MARGIN,
+                      legend_title="representative")
     return fig
 
 

@@ -2,22 +2,25 @@
 seed retrains of each architecture's best configuration.
 
 This is the only place the test split is used, and nothing here feeds back into selection.
-Retrains run in parallel, one per device slot of the run (joblib processes pinned to the
-slot's device, torch threads split as for the workers); results arrive as they finish, and a
-Ctrl-C in the main thread stops them at once (joblib kills its workers and the interrupt
-propagates).
+Retrains run in parallel, one per device slot of the run: each device has its own pool of
+processes, each pinned to that device (and to the slot's torch threads) for its whole life, so
+no process ever builds a CUDA context on a second GPU. Results arrive as they finish, and a
+Ctrl-C in the main thread stops them at once (the pools' processes are killed and the
+interrupt propagates).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Generator, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import optuna
 import torch
-from joblib import Parallel, delayed
+from joblib.externals.loky import ProcessPoolExecutor
 from optuna.trial import FrozenTrial
 
 from hpsearch import attrs, ranking
@@ -30,6 +33,7 @@ from hpsearch.results import ResultsLayout
 from hpsearch.space import from_params
 from hpsearch.train import evaluate, train_and_test
 from hpsearch.workers.slots import Slot
+from hpsearch.workers.supervisor import stop_signals_held
 
 SEED_BASE = 1_000_000  # far from trial seeds (train.seed + trial number)
 
@@ -94,12 +98,20 @@ class _Retrain(NamedTuple):
     value: float
 
 
+def _pin(device: str, threads: int) -> None:
+    """Set up a retrain process once: its device and torch threads, for every job it runs."""
+    torch.set_num_threads(threads)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+
+
 def _retrain(config: StudyConfig, architecture: str, params: dict[str, Any], seed: int,
-             slot: Slot, cache_dir: str) -> _Retrain:
-    torch.set_num_threads(slot.threads)
+             device: str, slots_on_device: int, cache_dir: str) -> _Retrain:
     dataset = data_mod.load(config.data, Path(cache_dir))
-    scores = train_and_test(config, from_params(params, config), dataset,
-                            torch.device(slot.device), seed)
+    on = torch.device(device)
+    in_memory = data_mod.keep_in_memory(dataset, config.data.in_memory, on, slots_on_device)
+    scores = train_and_test(config, from_params(params, config), dataset, on, seed,
+                            in_memory=in_memory)
     return _Retrain(architecture, seed, float(scores[on_split(config.study.metric, "test")]))
 
 
@@ -149,19 +161,61 @@ def seed_retrains(
 def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
                     jobs: list[tuple[str, int]], slots: list[Slot],
                     cache_dir: Path) -> Generator[_Retrain, None, None]:
-    """Start the retrains; each result is yielded as it finishes, in no particular order."""
-    parallel = Parallel(n_jobs=min(len(slots), len(jobs)), backend="loky",
-                        return_as="generator_unordered")
-    return parallel(
-        delayed(_retrain)(config, arch, dict(bests[arch].params), seed, slots[k % len(slots)],
-                          str(cache_dir))
-        for k, (arch, seed) in enumerate(jobs)
-    )
+    """Start the retrains; each result is yielded as it finishes, in no particular order.
+
+    Jobs are dealt to the slots round robin; each goes to the pool of its slot's device, whose
+    processes run only that device's jobs. Closing the generator kills the pools.
+    """
+    on_device = {s.device: sum(o.device == s.device for o in slots) for s in slots}
+    threads = {s.device: s.threads for s in slots}
+    queues: dict[str, deque[tuple[str, int]]] = {}
+    for k, job in enumerate(jobs):
+        queues.setdefault(slots[k % len(slots)].device, deque()).append(job)
+    pools: dict[str, ProcessPoolExecutor] = {}
+    running: dict[Future[_Retrain], str] = {}
+
+    def submit_next(device: str) -> None:
+        arch, seed = queues[device].popleft()
+        # A submit may start the pool's processes. The parent decides what Ctrl-C means (it
+        # kills them): they start with it ignored, so none dies of it half started.
+        with stop_signals_held():
+            future = pools[device].submit(_retrain, config, arch, dict(bests[arch].params),
+                                          seed, device, on_device[device], str(cache_dir))
+        running[future] = device
+
+    try:
+        for device, queue in queues.items():
+            workers = min(on_device[device], len(queue))
+            pools[device] = ProcessPoolExecutor(max_workers=workers, initializer=_pin,
+                                                initargs=(device, threads[device]))
+            # One job waiting per pool, no more than its call queue holds (see _handed_over).
+            for _ in range(min(len(queue), workers + 1)):
+                submit_next(device)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                device = running.pop(future)
+                if queues[device]:
+                    submit_next(device)
+                yield future.result()
+    finally:
+        _handed_over(running)
+        for pool in pools.values():
+            pool.shutdown(wait=True, kill_workers=True)
+
+
+def _handed_over(futures: Iterable[Future[Any]], timeout: float = 1.0) -> None:
+    """Wait (briefly) until each job has reached its pool's call queue (is running or done).
+
+    loky's shutdown that kills the workers fails in its manager thread on a job submitted
+    but not yet handed over; with no more jobs in flight than that queue holds, they all are
+    within milliseconds.
+    """
+    end = time.monotonic() + timeout
+    while any(not (f.running() or f.done()) for f in futures) and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def _stop(results: Generator[_Retrain, None, None]) -> None:
     """Stop the retrains still running (a no-op once every result was read)."""
-    with warnings.catch_warnings():
-        # joblib warns that cancelled retrains went "unused": cancelling them is the point.
-        warnings.simplefilter("ignore", UserWarning)
-        results.close()
+    results.close()

@@ -29,9 +29,12 @@ from hpsearch.files import TMP_PREFIX, atomic_write_text, write_error
 from hpsearch.report.data import (
     DASH,
     GAP_RULE,
-    GapVerdict,
+    UNDER_EXPLORED,
+    UNKNOWN_ARCHITECTURE,
+    ArchitectureSummary,
     ReportData,
     Winner,
+    fmt_best_value,
     fmt_ci,
     fmt_num,
 )
@@ -55,11 +58,20 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+LEADER = "leader"
+"""Row state of the best explored architecture."""
+
+
 class Table(NamedTuple):
     """A table of display strings, shared by the HTML and Markdown renderings."""
 
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
+    row_states: tuple[str, ...] = ()
+    """Per row: :data:`LEADER`, :data:`~hpsearch.report.data.UNDER_EXPLORED` or ``""``; the
+    HTML styles the row by it (Markdown reads the ``explored`` column instead)."""
+    text_columns: tuple[int, ...] = ()
+    """Columns of prose, which the HTML wraps and aligns left."""
 
 
 def _fmt_int(value: int | None) -> str:
@@ -88,18 +100,33 @@ def _fmt_param(value: object) -> str:
     return str(value)
 
 
+def _row_state(a: ArchitectureSummary) -> str:
+    if a.rank == 1:
+        return LEADER
+    return "" if a.explored or a.architecture == UNKNOWN_ARCHITECTURE else UNDER_EXPLORED
+
+
+def _explored_text(a: ArchitectureSummary) -> str:
+    if a.explored:
+        return "yes"
+    label = "not ranked" if a.architecture == UNKNOWN_ARCHITECTURE else UNDER_EXPLORED
+    return f"{label}: {a.exploration_note}"
+
+
 def architecture_table(data: ReportData) -> Table:
-    """The per-architecture table as display strings, best architecture first."""
+    """The per-architecture table as display strings: explored architectures by rank, then
+    the under-explored ones, each row with its search effort."""
     show_running = data.counts.running > 0
-    headers = ["architecture", "complete", "pruned", "failed"]
+    headers = ["architecture", "rank", "explored", "trials", "complete", "pruned", "failed"]
     headers += ["running"] if show_running else []
     headers += [
+        "epochs trained",
         f"best {data.metric}",
+        "best epoch",
         f"top-{data.top_n} median",
         f"top-{data.top_n} IQR",
         f"{data.test_metric_name} (best ckpt)",
         "params",
-        "best epoch",
         "time to best",
         "train time (all trials)",
     ]
@@ -115,18 +142,23 @@ def architecture_table(data: ReportData) -> Table:
         rows.append(
             (
                 a.architecture,
+                DASH if a.rank is None else str(a.rank),
+                _explored_text(a),
+                str(a.n_trials),
                 *counts,
-                fmt_num(a.best_value) + (" (pruned)" if a.from_pruned else ""),
+                _fmt_int(a.total_epochs),
+                fmt_best_value(a),
+                DASH if a.best_epoch is None else str(a.best_epoch),
                 median,
                 iqr,
                 fmt_num(a.test_metric),
                 _fmt_int(a.n_params),
-                DASH if a.best_epoch is None else str(a.best_epoch),
                 _fmt_seconds(a.time_to_best),
                 _fmt_seconds(a.total_train_seconds),
             )
         )
-    return Table(tuple(headers), tuple(rows))
+    states = tuple(_row_state(a) for a in data.architectures)
+    return Table(tuple(headers), tuple(rows), states, (headers.index("explored"),))
 
 
 def seed_table(data: ReportData) -> Table:
@@ -139,9 +171,11 @@ def seed_table(data: ReportData) -> Table:
         f"best {data.metric} config",
     )
     rows = []
+    states = []
     for a in data.architectures:
-        if a.rank is None:
+        if a.best_trial is None:
             continue
+        states.append(_row_state(a))
         seeds = a.seeds
         count = str(seeds.n)
         if seeds.n != len(seeds.values):
@@ -155,29 +189,61 @@ def seed_table(data: ReportData) -> Table:
                 _fmt_params(a.best_params),
             )
         )
-    return Table(headers, tuple(rows))
+    return Table(headers, tuple(rows), tuple(states), (len(headers) - 1,))
 
 
 def _method_notes(data: ReportData) -> list[str]:
+    within = data.exploration.prune_within_architecture
+    pruning = {
+        True: "on: a trial is pruned only by comparison with trials of its own architecture",
+        False: "off: a trial is pruned by comparison with trials of every architecture, so a "
+        "slow starter can be cut against faster ones",
+        None: "unknown (not given to the report)",
+    }[within]
+    min_trials = data.exploration.min_trials
     return [
-        f"Architectures are ranked by their best validation {data.metric} "
-        f"({data.direction}); the test split never influences the ranking.",
+        "Representative: each architecture is described by its trial with the best "
+        f"best-epoch validation {data.metric}, pruned trials included (a pruned trial's value "
+        "is its best before it was stopped, marked \"pruned at epoch E\" with the last epoch "
+        "it trained), ties to the earlier trial. Its checkpoint gives the test score, its "
+        "configuration the seed retrains.",
+        f"Under-explored: an architecture with fewer than {max(min_trials, 1)} finished "
+        "(complete or pruned) trials, or whose representative was pruned while still "
+        "improving (its best epoch was the last it trained), is labelled under-explored with "
+        "the reason, left unranked and out of the verdict; the verdict says how many trials "
+        "to add and the command that adds them.",
+        f"Minimum trials per architecture (study.min_trials_per_architecture): {min_trials}.",
+        f"Pruning within architecture (study.prune_within_architecture): {pruning}.",
+        f"Explored architectures are ranked by their representative's validation "
+        f"{data.metric} ({data.direction}); the test split never influences the ranking.",
+        "Winner: the study's best complete trial, the model best/ holds; a pruned trial "
+        "leaves no final model, so the best explored architecture can differ (the verdict "
+        "says so).",
+        "Search effort: trials of every state, epochs trained summed over them; best epoch is "
+        "the epoch of the representative's best value.",
         f"Top-{data.top_n} median and IQR: over each architecture's {data.top_n} best complete "
         "trials (fewer if it has fewer); IQR is the 25th–75th percentile, linear interpolation.",
         f"{data.test_metric_name} (best ckpt): the test split evaluated once on each "
-        "architecture's best checkpoint, for this report only.",
-        "Seed retrains: each architecture's best configuration trained again with fresh seeds; "
-        "mean ± half-width of the 95% Student-t confidence interval (t quantile with n−1 "
-        "degrees of freedom × sample std / √n). With a single seed the interval is n/a; "
-        "non-finite results are listed but left out.",
-        f"Gap vs noise: the gap between the two best architectures counts as larger than the "
-        f"noise when {GAP_RULE}. This rule is conservative: overlapping intervals do not prove "
-        "the architectures equal.",
-        "Time to best: cumulative training seconds at the end of the best epoch of the best "
-        "trial. Train time sums every trial of the architecture, pruned and failed included.",
-        "(pruned): no trial of that architecture completed, so its row describes its best "
-        "pruned trial (best value over the epochs it ran) and it ranks after the others.",
+        "architecture's representative checkpoint, for this report only.",
+        "Seed retrains: each architecture's representative configuration trained again with "
+        "fresh seeds; mean ± half-width of the 95% Student-t confidence interval (t quantile "
+        "with n−1 degrees of freedom × sample std / √n). With a single seed the interval is "
+        "n/a; non-finite results are listed but left out.",
+        f"Gap vs noise: the gap between the two best explored architectures counts as larger "
+        f"than the noise when {GAP_RULE}. This rule is conservative: overlapping intervals do "
+        "not prove the architectures equal.",
+        "Time to best: cumulative training seconds at the end of the representative's best "
+        "epoch. Train time sums every trial of the architecture, pruned and failed included.",
     ]
+
+
+def _verdict_markdown(data: ReportData) -> list[str]:
+    lines = [f"**Verdict ({data.gap.verdict}):** {data.verdict.text}", ""]
+    exploration = data.exploration
+    if exploration.advice is not None and exploration.command is not None:
+        lines += [f"**More trials needed:** {exploration.advice}", "",
+                  "```sh", exploration.command, "```", ""]
+    return lines
 
 
 def render_markdown(data: ReportData) -> str:
@@ -192,8 +258,8 @@ def render_markdown(data: ReportData) -> str:
             f"- **{winner.architecture}**, trial {winner.trial_number}: best {data.metric} "
             f"{fmt_num(winner.value)} at epoch "
             f"{DASH if winner.best_epoch is None else winner.best_epoch}",
-            f"- {data.test_metric_name} of its best checkpoint: {fmt_num(winner.test_metric)}",
-            f"- seed retrains ({data.test_metric_name}, 95% CI): {fmt_ci(winner.seeds)}",
+            f"- {data.test_metric_name} of its best checkpoint: {_winner_test_text(winner)}",
+            f"- seed retrains ({data.test_metric_name}, 95% CI): {_winner_seeds_text(winner)}",
             f"- params: {_fmt_params(winner.params)}",
             f"- checkpoint: {_checkpoint_text(winner)}",
             f"- load it: `{winner.load_call}`",
@@ -203,7 +269,7 @@ def render_markdown(data: ReportData) -> str:
     lines += ["## Confirmation with seeds", ""]
     seeds = seed_table(data)
     lines += [*_markdown_table(seeds), ""] if seeds.rows else []
-    lines += [f"**Verdict ({data.gap.verdict}):** {data.gap.text}", ""]
+    lines += _verdict_markdown(data)
     lines += ["## How these numbers are computed", ""]
     lines += [f"- {note}" for note in _method_notes(data)]
     lines += ["", f"Figures are in `{REPORT_FILES['html']}`; every trial is in "
@@ -219,6 +285,18 @@ def _summary_line(data: ReportData) -> str:
         f"{c.pruned} pruned, {c.failed} failed{running} · generated "
         f"{data.generated_at:%Y-%m-%d %H:%M:%S}"
     )
+
+
+def _winner_test_text(winner: Winner) -> str:
+    if winner.representative:
+        return fmt_num(winner.test_metric)
+    return f"not measured (the report measures {winner.architecture}'s representative)"
+
+
+def _winner_seeds_text(winner: Winner) -> str:
+    if winner.representative:
+        return fmt_ci(winner.seeds)
+    return f"not run (the report retrains {winner.architecture}'s representative)"
 
 
 def _checkpoint_text(winner: Winner) -> str:
@@ -257,21 +335,23 @@ def architectures_csv(data: ReportData) -> str:
     """``architectures.csv``: one row per architecture, column ``architecture`` first."""
     m, t = data.metric, data.test_metric_name
     headers = [
-        "architecture", "rank", "complete", "pruned", "failed", "running", "best_trial",
-        f"best_{m}", "top_n", f"top_median_{m}", f"top_q1_{m}", f"top_q3_{m}", t,
-        "seed_n", f"seed_mean_{t}", f"seed_ci95_low_{t}", f"seed_ci95_high_{t}", "seed_values",
-        "n_params", "best_epoch", "time_to_best_s", "total_train_s", "checkpoint", "best_params",
-        "best_from_pruned",
+        "architecture", "rank", "explored", "exploration_note", "trials", "complete", "pruned",
+        "failed", "running", "total_epochs", "best_trial", f"best_{m}", "best_from_pruned",
+        "pruned_at_epoch", "best_epoch", "top_n", f"top_median_{m}", f"top_q1_{m}",
+        f"top_q3_{m}", t, "seed_n", f"seed_mean_{t}", f"seed_ci95_low_{t}",
+        f"seed_ci95_high_{t}", "seed_values", "n_params", "time_to_best_s", "total_train_s",
+        "checkpoint", "best_params",
     ]
     rows = [
         [
-            a.architecture, a.rank, a.counts.complete, a.counts.pruned, a.counts.failed,
-            a.counts.running, a.best_trial, a.best_value, len(a.top_values), a.top_median,
-            a.top_q1, a.top_q3, a.test_metric, a.seeds.n, a.seeds.mean, a.seeds.ci_low,
-            a.seeds.ci_high, " ".join(repr(v) for v in a.seeds.values), a.n_params,
-            a.best_epoch, a.time_to_best, a.total_train_seconds, a.checkpoint,
+            a.architecture, a.rank, a.explored, a.exploration_note, a.n_trials,
+            a.counts.complete, a.counts.pruned, a.counts.failed, a.counts.running,
+            a.total_epochs, a.best_trial, a.best_value, a.from_pruned, a.pruned_at_epoch,
+            a.best_epoch, len(a.top_values), a.top_median, a.top_q1, a.top_q3, a.test_metric,
+            a.seeds.n, a.seeds.mean, a.seeds.ci_low, a.seeds.ci_high,
+            " ".join(repr(v) for v in a.seeds.values), a.n_params, a.time_to_best,
+            a.total_train_seconds, a.checkpoint,
             json.dumps(a.best_params, sort_keys=True, default=str) if a.best_params else None,
-            a.from_pruned,
         ]
         for a in data.architectures
     ]
@@ -325,12 +405,19 @@ table{border-collapse:collapse;font-size:14px;background:#fff;width:100%}
 th,td{padding:6px 10px;border-bottom:1px solid #e4e7eb;text-align:right;white-space:nowrap}
 th{background:#eef2f6;font-weight:600;white-space:normal;vertical-align:bottom}
 th:first-child,td:first-child{text-align:left}
-td.wrap{white-space:normal;text-align:left}
+td.wrap{white-space:normal;text-align:left;min-width:180px}
 tr.leader td{font-weight:600;background:#f1f9f2}
+tr.under-explored td{background:#fff8e6;color:#7c5e10}
+tr.under-explored td:first-child{box-shadow:inset 4px 0 0 #f0a202}
+.badge{display:inline-block;margin-left:8px;padding:1px 7px;border-radius:10px;
+  font-size:11px;font-weight:600;letter-spacing:.02em;vertical-align:1px}
+.badge.under-explored{background:#f0a202;color:#fff}
+.verdict .advice{margin:8px 0 0}
 .scroll{overflow-x:auto}
 code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
 pre{background:#1f2933;color:#e4e7eb;padding:10px 14px;border-radius:6px;overflow-x:auto}
 .verdict{padding:10px 14px;border-radius:6px;margin:12px 0;background:#eef2f6}
+.verdict p{margin:0}
 .verdict.separated{background:#e6f4ea} .verdict.reversed{background:#fdecea}
 .verdict.within-noise{background:#fff4e0}
 .note{color:#52606d;font-size:14px}
@@ -371,13 +458,13 @@ def render_html(data: ReportData, sections: Sequence[FigureSection]) -> str:
         + "</nav>",
         _winner_html(data),
         '<h2 id="architectures">Architectures</h2>',
-        _html_table(architecture_table(data), leader=data.winner is not None),
+        _html_table(architecture_table(data)),
         '<h2 id="seeds">Confirmation with seeds</h2>',
     ]
     seeds = seed_table(data)
     if seeds.rows:
-        parts.append(_html_table(seeds, leader=True, wrap_last=True))
-    parts.append(_verdict_html(data.gap))
+        parts.append(_html_table(seeds))
+    parts.append(_verdict_html(data))
     parts += ['<h2 id="method">How these numbers are computed</h2>', '<ul class="notes">']
     parts += [f"<li>{esc(note)}</li>" for note in _method_notes(data)]
     parts += ["</ul>", '<h2 id="figures">Figures</h2>']
@@ -392,7 +479,8 @@ def _winner_html(data: ReportData) -> str:
     if winner is None:
         return (
             '<section id="winner" class="card winner none"><h2>No winner yet</h2>'
-            '<p class="note">The study has no complete trial.</p></section>'
+            f'<p class="note">The study has no complete trial.</p>{_verdict_html(data)}'
+            "</section>"
         )
     items = [
         ("trial", f"#{winner.trial_number}"),
@@ -401,8 +489,8 @@ def _winner_html(data: ReportData) -> str:
             f"{fmt_num(winner.value)} at epoch "
             f"{DASH if winner.best_epoch is None else winner.best_epoch}",
         ),
-        (f"{data.test_metric_name} (best checkpoint)", fmt_num(winner.test_metric)),
-        (f"{data.test_metric_name}, seed retrains (95% CI)", fmt_ci(winner.seeds)),
+        (f"{data.test_metric_name} (best checkpoint)", _winner_test_text(winner)),
+        (f"{data.test_metric_name}, seed retrains (95% CI)", _winner_seeds_text(winner)),
         ("params", _fmt_params(winner.params)),
         ("checkpoint", _checkpoint_text(winner)),
     ]
@@ -411,28 +499,42 @@ def _winner_html(data: ReportData) -> str:
         f'<section id="winner" class="card winner"><h2>Winner: {esc(winner.architecture)}</h2>'
         f"<dl>{rows}</dl>"
         f"<pre><code>import hpsearch\nmodel = {esc(winner.load_call)}</code></pre>"
-        f"{_verdict_html(data.gap)}</section>"
+        f"{_verdict_html(data)}</section>"
     )
 
 
-def _verdict_html(gap: GapVerdict) -> str:
+def _verdict_html(data: ReportData) -> str:
+    esc = html.escape
+    gap = data.gap
     css = gap.verdict.replace(" ", "-").replace("/", "")
-    return (
-        f'<p class="verdict {css}"><strong>Gap vs noise: {html.escape(gap.verdict)}.</strong> '
-        f"{html.escape(gap.text)}</p>"
-    )
+    parts = [
+        f'<div class="verdict {css}"><p><strong>Verdict ({esc(gap.verdict)}):</strong> '
+        f"{esc(data.verdict.text)}</p>"
+    ]
+    exploration = data.exploration
+    if exploration.advice is not None and exploration.command is not None:
+        parts.append(
+            f'<p class="advice"><strong>More trials needed:</strong> '
+            f"{esc(exploration.advice)}</p><pre><code>{esc(exploration.command)}</code></pre>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
 
 
-def _html_table(table: Table, *, leader: bool, wrap_last: bool = False) -> str:
+def _html_table(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in table.headers)
     body = []
     for i, row in enumerate(table.rows):
+        state = table.row_states[i] if i < len(table.row_states) else ""
         cells = []
         for j, cell in enumerate(row):
-            wrap = ' class="wrap"' if wrap_last and j == len(row) - 1 else ""
-            cells.append(f"<td{wrap}>{esc(cell)}</td>")
-        css = ' class="leader"' if leader and i == 0 else ""
+            wrap = ' class="wrap"' if j in table.text_columns else ""
+            text = esc(cell)
+            if j == 0 and state == UNDER_EXPLORED:
+                text += f'<span class="badge {UNDER_EXPLORED}">{UNDER_EXPLORED}</span>'
+            cells.append(f"<td{wrap}>{text}</td>")
+        css = f' class="{state}"' if state else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
     return (
         f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'

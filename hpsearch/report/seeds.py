@@ -75,7 +75,7 @@ def gap_verdict(
     """Judge the gap between the two best-ranked architectures against their seed noise.
 
     Args:
-        ranked: The ranked architectures, best first.
+        ranked: The ranked (explored) architectures, best first.
         maximize: Whether a larger test metric is better.
         test_metric_name: Name of the test metric, for the verdict's text.
 
@@ -90,7 +90,8 @@ def gap_verdict(
             None,
             None,
             "n/a",
-            "Fewer than two architectures have a complete trial; there is no gap to judge.",
+            "Fewer than two architectures are explored enough to rank; there is no gap to "
+            "judge.",
         )
     lead, second = ranked[0], ranked[1]
     a, b = lead.seeds, second.seeds

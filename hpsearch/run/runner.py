@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import attrs, data, metrics
 from hpsearch.checkpoint.artifacts import open_artifact_store, publish_study_best
@@ -24,13 +26,17 @@ from hpsearch.checkpoint.study_best import reconcile_best
 from hpsearch.config import StudyConfig
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, ConfigError, HpsearchError, Interrupted
 from hpsearch.files import atomic_torch_save, clean_stale_temporaries
+from hpsearch.optuna_private import planned_params
+from hpsearch.pruning import build_study_pruner
 from hpsearch.report import build_report
 from hpsearch.results import ResultsLayout, save_config_copy
 from hpsearch.run.progress import Printer, snapshot, summary
 from hpsearch.run.signals import StopSignals
 from hpsearch.samplers import build_pruner, build_sampler
+from hpsearch.space import to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
+from hpsearch.storage.trials import counted
 from hpsearch.workers.slots import Slot, plan_slots, start_method
 from hpsearch.workers.supervisor import Supervisor
 
@@ -208,7 +214,7 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
         storage=open_storage(url, config),
         direction=config.study.direction,
         sampler=build_sampler(config.study.sampler),
-        pruner=build_pruner(config.study.pruner),
+        pruner=build_study_pruner(config),
         load_if_exists=True,
     )
     if study.direction.name.lower() != config.study.direction:
@@ -216,10 +222,42 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
                           f"is {study.direction.name.lower()}; it cannot change")
     if not study.user_attrs.get(attrs.STUDY_ENQUEUED):
         for params in config.study.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
+            study.enqueue_trial(to_optuna_names(params, config), skip_if_exists=True)
         study.set_user_attr(attrs.STUDY_ENQUEUED, True)
         study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
+    trials = study.get_trials(deepcopy=False)
+    for architecture in exploration_order(config, explored(trials),
+                                          config.study.n_trials - counted(trials)):
+        # Partial parameters: the sampler samples the rest of the trial.
+        study.enqueue_trial({attrs.ARCHITECTURE: architecture})
     return study
+
+
+def explored(trials: list[FrozenTrial]) -> Counter[str]:
+    """Trials per architecture that explore it: finished, running or queued, not failed."""
+    planned = (planned_params(t) for t in trials if t.state != TrialState.FAIL)
+    return Counter(str(p[attrs.ARCHITECTURE]) for p in planned if attrs.ARCHITECTURE in p)
+
+
+def exploration_order(config: StudyConfig, have: Counter[str], budget: int) -> list[str]:
+    """Architectures to queue, round-robin, so that each gets
+    ``min_trials_per_architecture`` trials before the sampler allocates freely, within the
+    ``budget`` of trials this run may still start. Run on every run: rerunning with a higher
+    ``n_trials`` tops up an architecture that is still short."""
+    archs = list(config.model.architecture)
+    # A grid or brute-force search visits every architecture by itself, and refuses trials
+    # whose other parameters are left to it.
+    if len(archs) < 2 or config.study.sampler.name in ("grid", "bruteforce"):
+        return []
+    need = config.study.min_trials_per_architecture
+    have = Counter({a: have.get(a, 0) for a in archs})
+    order: list[str] = []
+    for _ in range(need):
+        for arch in archs:
+            if have[arch] < need and len(order) < budget:
+                have[arch] += 1
+                order.append(arch)
+    return order
 
 
 def heal(study: optuna.Study, layout: ResultsLayout, config: StudyConfig, event: Event) -> None:

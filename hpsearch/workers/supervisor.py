@@ -2,6 +2,7 @@
 
 A worker that dies (SIGKILL, segfault, OOM-kill) is noticed within a second, its trial is
 failed and queued to resume from its ``last.pt``, and a replacement starts on the same slot.
+A worker whose CUDA context broke records its trial, ends, and is replaced the same way.
 CPU workers of one torch thread are forked (milliseconds, sharing the parent's imports and
 data); others start as fresh interpreters through loky, because CUDA and OpenMP state do not
 survive a fork.
@@ -31,7 +32,7 @@ from hpsearch.results import ResultsLayout
 from hpsearch.storage.backends import open_storage
 from hpsearch.storage.trials import fail_trial
 from hpsearch.workers.slots import Slot, start_method
-from hpsearch.workers.worker import STOP_SIGNALS, WorkerSpec, worker_process
+from hpsearch.workers.worker import REPLACE, STOP_SIGNALS, WorkerSpec, worker_process
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -53,7 +54,7 @@ class _SlotState:
 
 
 @contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
+def stop_signals_held() -> Iterator[None]:
     """Start a worker that ignores Ctrl-C and SIGTERM from its first instruction.
 
     The terminal sends Ctrl-C to the whole process group, and a worker still importing torch
@@ -117,6 +118,7 @@ class Supervisor:
             run_started=self.run_started,
             deadline=self.deadline,
             prior_trials=self.prior_trials,
+            slots_on_device=sum(s.device == st.slot.device for s in self.slots),
         )
 
     def start(self) -> None:
@@ -136,7 +138,7 @@ class Supervisor:
         # A forked child would print the parent's unflushed output a second time.
         sys.stdout.flush()
         sys.stderr.flush()
-        with _stop_signals_held():
+        with stop_signals_held():
             proc.start()
         sender.close()
         st.process, st.outcome = proc, receiver
@@ -179,6 +181,9 @@ class Supervisor:
             st.process.join()
             if result is not None and result[0] == "done":
                 st.finished = True
+            elif result is not None and result[0] == REPLACE:
+                self._replace(st, result[1], restart=not stopping)
+                running = running or not st.finished
             elif result is not None:
                 st.finished, st.error = True, result[1]
                 self.on_event(f"worker on slot {st.slot.index} stopped with an error: {st.error}")
@@ -186,6 +191,19 @@ class Supervisor:
                 self._handle_death(st, _exit_reason(st.process.exitcode), restart=not stopping)
                 running = running or not st.finished
         return running
+
+    def _replace(self, st: _SlotState, reason: str, restart: bool) -> None:
+        """A worker ended because its CUDA context broke; its trial is already recorded.
+
+        Not a death: each replacement follows a failed trial, so the budget bounds them.
+        """
+        if not restart:
+            st.finished = True
+            return
+        self.on_event(f"worker on slot {st.slot.index}: CUDA context broken ({reason}); "
+                      "replacing it")
+        st.generation += 1
+        self._launch(st)
 
     def _handle_death(self, st: _SlotState, reason: str, restart: bool) -> None:
         if not restart:

@@ -3,6 +3,10 @@
 A worker loads the study with its own sampler and pruner (``load_study`` restores neither),
 beats a heartbeat for its running trial, exits if its parent dies, and records how each trial
 ended: COMPLETE (offered as the study best), PRUNED, or FAIL with its reason.
+
+Out of GPU memory is an ordinary failure: the worker frees what the trial held and claims the
+next one. Any other CUDA error leaves the process's CUDA context unusable, so after recording
+the trial the worker ends and asks its parent for a fresh process on the slot.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import optuna
 import torch
@@ -38,8 +42,9 @@ from hpsearch.config import StudyConfig
 from hpsearch.errors import Interrupted
 from hpsearch.files import atomic_write_json, file_lock
 from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, tell
+from hpsearch.pruning import build_study_pruner
 from hpsearch.results import ResultsLayout
-from hpsearch.samplers import build_pruner, build_sampler
+from hpsearch.samplers import build_sampler
 from hpsearch.space import sample
 from hpsearch.storage.backends import open_storage
 from hpsearch.storage.liveness import HOST, write_heartbeat
@@ -67,6 +72,43 @@ class WorkerSpec:
     """Trials the study had when this run started: part of the sampler seed, so a rerun (or
     another node) never replays an earlier run's sequence, while a fresh study stays
     reproducible from its seed."""
+    slots_on_device: int = 1
+    """Workers of this run sharing this slot's device (its budget for device-resident data;
+    the CUDA cache is emptied between trials when several share a GPU)."""
+
+
+REPLACE = "replace"
+"""The first item of a worker's outcome when it ended to be replaced by a fresh process."""
+
+
+def cuda_context_broken(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it came from) leaves the CUDA context unusable.
+
+    Every CUDA error but running out of memory is sticky (a device-side assert, an illegal
+    memory access, a launch failure): each later CUDA call in the process fails. Torch raises
+    them as ``torch.AcceleratorError`` or as a RuntimeError saying ``CUDA error: ...``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.cuda.OutOfMemoryError):
+            return False
+        accelerator_error = getattr(torch, "AcceleratorError", None)
+        if accelerator_error is not None and isinstance(current, accelerator_error):
+            return "out of memory" not in str(current)
+        if isinstance(current, RuntimeError) and "CUDA error" in str(current):
+            return "CUDA error: out of memory" not in str(current)
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last trial left: reference cycles, then the CUDA caching allocator's
+    unused blocks (so the other workers on the GPU can have them)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sampler_seed_offset(spec: WorkerSpec) -> int:
@@ -196,13 +238,16 @@ def worker_process(spec: WorkerSpec, outcome: Connection,
 
     The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
     stops at the parent's request (or is killed outright). It starts with both ignored (and,
-    when forked, blocked), see ``_stop_signals_held``.
+    when forked, blocked), see ``stop_signals_held``.
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        result: tuple[Any, ...] = ("done", worker_main(spec, dataset))
+        summary = worker_main(spec, dataset)
+        result: tuple[Any, ...] = (
+            (REPLACE, summary["broken"], summary) if summary.get("broken") else ("done", summary)
+        )
     except BaseException as err:  # reported to the parent, which records it for the slot
         result = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
     with contextlib.suppress(OSError):
@@ -211,7 +256,8 @@ def worker_process(spec: WorkerSpec, outcome: Connection,
 
 
 def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> dict[str, Any]:
-    """Body of one long-lived worker process. Returns a small summary.
+    """Body of one long-lived worker process. Returns a small summary; its ``broken`` says
+    why the CUDA context is unusable when the worker ended to be replaced.
 
     ``dataset``: the parent's copy (forked workers share it); otherwise loaded from the cache.
     """
@@ -227,13 +273,16 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
         study_name=cfg.study.name,
         storage=storage,
         sampler=build_sampler(cfg.study.sampler, seed_offset=sampler_seed_offset(spec)),
-        pruner=build_pruner(cfg.study.pruner),
+        pruner=build_study_pruner(cfg),
     )
     if dataset is None:
         dataset = data_mod.load(cfg.data, paths.data_cache)
-    in_memory = (
-        data_mod.fits_in_memory(dataset, device) if cfg.data.in_memory == "auto"
-        else bool(cfg.data.in_memory) and dataset.splits is not None
+    in_memory = data_mod.keep_in_memory(dataset, cfg.data.in_memory, device,
+                                        spec.slots_on_device)
+    # Trials that share a GPU hand back what they cached, or the next one (another worker's)
+    # may run out of memory that is only reserved.
+    shared_gpu = device.type == "cuda" and (
+        spec.slots_on_device > 1 or cfg.resources.trials_per_device > 1
     )
     if in_memory:
         dataset = data_mod.to_device(dataset, device)
@@ -252,6 +301,7 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
 
     claims, retention = _Claims(TrialIndex()), Retention(cfg)
     done = 0
+    broken: str | None = None
     status(state="idle", trial=None)
     while True:
         trial = _claim(study, cfg, paths, spec, stop, claims)
@@ -278,7 +328,7 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             ),
         )
         try:
-            exhausted = _run_one(study, trial, env, log, retention, store)
+            ended = _run_one(study, trial, env, log, retention, store)
         except Interrupted:
             break
         finally:
@@ -287,21 +337,40 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             log.close()
             status(state="idle", trial=None)
         done += 1
-        if exhausted:
+        if ended.broken_context is not None:
+            broken = ended.broken_context
+            break  # every later CUDA call of this process would fail too
+        # After _run_one returned, no traceback holds the failed trial's model any more.
+        if ended.out_of_memory or shared_gpu:
+            release_memory(device)
+        if ended.exhausted:
             break  # the sampler has no point left to propose (grid, brute force)
     status(state="done", trial=None)
-    return {"slot": spec.slot.index, "trials": done, "pid": os.getpid()}
+    return {"slot": spec.slot.index, "trials": done, "pid": os.getpid(), "broken": broken}
+
+
+class _Ended(NamedTuple):
+    """How :func:`_run_one` left the worker."""
+
+    exhausted: bool
+    """The sampler's search space is exhausted (a grid fully visited)."""
+    out_of_memory: bool = False
+    """The trial ran out of device memory: free it before the next one."""
+    broken_context: str | None = None
+    """The CUDA error that left this process's CUDA context unusable."""
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
              log: Callable[[str], None], retention: Retention,
-             store: ArtifactStore | None = None) -> bool:
+             store: ArtifactStore | None = None) -> _Ended:
     """Run one claimed trial and record how it ended; only Interrupted escapes.
 
     Returns:
-        Whether the sampler's search space is exhausted (a grid fully visited).
+        Whether the search space is exhausted, and whether the trial ran out of device
+        memory or broke the CUDA context.
     """
     cfg, layout = env.config, env.layout
+    oom, broken = False, None
     trial.set_user_attr("worker", env.worker)
     trial.set_user_attr("device", str(env.device))
     log(f"trial {trial.number} on {env.device} by {env.worker}")
@@ -319,17 +388,20 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
                    retry=True, count_retry=False, max_retries=cfg.study.max_retries)
         raise
     except Exception as err:
+        # Memory is freed by the caller: here the traceback still holds the trial's frames.
         exhausted = False
         reason = f"{type(err).__name__}: {err}"
         if isinstance(err, NonFiniteError):
             reason = str(err)
+        oom = isinstance(err, torch.cuda.OutOfMemoryError)
+        # Its first line: torch appends advice on CUDA_LAUNCH_BLOCKING to the message.
+        broken = (reason.splitlines() or [reason])[0] if cuda_context_broken(err) else None
         log(f"FAIL: {reason}\n{traceback.format_exc()}")
         trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
         fail_trial(study, frozen(trial), reason, retry=False)
         discard_resume_state(layout, trial.number)
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            gc.collect()
-            torch.cuda.empty_cache()
+        if broken is not None:
+            log("the CUDA context is broken: this worker ends and a fresh one replaces it")
     else:
         exhausted = tell(study, trial, value)
         log(f"COMPLETE: value={value}")
@@ -341,4 +413,4 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
     if store is not None:
         for number in deleted:
             retire_trial_checkpoint(store, study, retention.index.finished[number])
-    return exhausted
+    return _Ended(exhausted, oom, broken)

@@ -1,0 +1,65 @@
+"""Pruning that compares a trial only with trials of its own architecture.
+
+Multi-fidelity pruning judges every trial at a step against the others at that step, which
+starves slow starters: a GRU sits at chance for its first epochs while a CNN climbs at once,
+so "compared with everything" means "GRUs are pruned". ``WithinArchitecture`` hands the
+configured pruner (median, percentile, successive halving, hyperband, ...) a view of the study
+that holds only the trial's own architecture, and lets a trial run unpruned until its
+architecture has enough finished trials of its own to compare with.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch import attrs
+from hpsearch.config import StudyConfig
+from hpsearch.optuna_private import storage_of
+from hpsearch.samplers import build_pruner
+from hpsearch.storage.views import ArchitectureView
+
+# Pruners that judge a trial by a fixed bound, not by other trials: no peers needed.
+PEERLESS = ("threshold", "none")
+
+
+class WithinArchitecture(optuna.pruners.BasePruner):
+    """Wraps ``inner``: it sees only the trial's architecture, and only once that
+    architecture has ``min_peers`` finished (complete or pruned) trials."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner, min_peers: int) -> None:
+        self.inner, self.min_peers = inner, min_peers
+        self._views: dict[tuple[int, str], optuna.Study] = {}
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        architecture = trial.params.get(attrs.ARCHITECTURE)
+        if architecture is None:
+            return self.inner.prune(study, trial)
+        view = self._view(study, str(architecture))
+        finished = view.get_trials(deepcopy=False,
+                                   states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if len(finished) < self.min_peers:
+            return False
+        return self.inner.prune(view, trial)
+
+    def _view(self, study: optuna.Study, architecture: str) -> optuna.Study:
+        key = (id(study), architecture)
+        if key not in self._views:
+            self._views[key] = optuna.Study(
+                study_name=study.study_name,
+                storage=ArchitectureView(storage_of(study), architecture),
+                sampler=study.sampler,
+                pruner=self.inner,
+            )
+        return self._views[key]
+
+
+def build_study_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """The study's pruner: the configured one, within each architecture unless the study
+    file says ``study.prune_within_architecture: false`` (or there is one architecture)."""
+    inner = build_pruner(config.study.pruner)
+    study = config.study
+    if (not study.prune_within_architecture or len(config.model.architecture) < 2
+            or study.pruner.name in PEERLESS):
+        return inner
+    return WithinArchitecture(inner, min_peers=study.min_trials_per_architecture)

@@ -1,0 +1,136 @@
+"""A fair comparison on the search side: pruning within an architecture, every architecture
+explored, and each architecture's parameters under their own Optuna names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+from studyfiles import open_results, tiny, write_study
+
+from hpsearch.config import parse_config
+from hpsearch.pruning import WithinArchitecture, build_study_pruner
+from hpsearch.run.runner import exploration_order
+
+ARCH = CategoricalDistribution(["cnn", "gru"])
+
+
+def curve_trial(arch: str, values: list[float], state: TrialState) -> optuna.trial.FrozenTrial:
+    return create_trial(
+        state=state, value=values[-1] if state == TrialState.COMPLETE else None,
+        params={"architecture": arch}, distributions={"architecture": ARCH},
+        intermediate_values=dict(enumerate(values)),
+    )
+
+
+def test_a_slow_starter_is_judged_against_its_own_architecture_only() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plain = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    within = WithinArchitecture(optuna.pruners.MedianPruner(n_startup_trials=1,
+                                                            n_warmup_steps=0), min_peers=4)
+    results = {}
+    for name, pruner in (("plain", plain), ("within", within)):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for _ in range(4):
+            study.add_trial(curve_trial("cnn", [0.80, 0.90, 0.94, 0.95], TrialState.COMPLETE))
+            study.add_trial(curve_trial("gru", [0.10, 0.11, 0.12, 0.60, 0.90, 0.97],
+                                        TrialState.COMPLETE))
+        study.enqueue_trial({"architecture": "gru"})
+        trial = study.ask()
+        assert trial.suggest_categorical("architecture", ["cnn", "gru"]) == "gru"
+        for step, value in enumerate([0.10, 0.11, 0.12]):
+            trial.report(value, step)
+        results[name] = trial.should_prune()
+    # Against CNNs the GRU looks hopeless; against GRUs it is on track.
+    assert results == {"plain": True, "within": False}
+
+
+def test_an_architecture_runs_unpruned_until_it_has_peers_of_its_own() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    within = WithinArchitecture(optuna.pruners.MedianPruner(n_startup_trials=0,
+                                                            n_warmup_steps=0), min_peers=2)
+    study = optuna.create_study(direction="maximize", pruner=within)
+    study.add_trial(curve_trial("gru", [0.9, 0.9], TrialState.COMPLETE))
+    study.enqueue_trial({"architecture": "gru"})
+    trial = study.ask()
+    trial.suggest_categorical("architecture", ["cnn", "gru"])
+    trial.report(0.1, 0)
+    assert not trial.should_prune()  # one finished GRU: too few to compare with
+    study.add_trial(curve_trial("gru", [0.9, 0.9], TrialState.PRUNED))
+    assert trial.should_prune()  # two: now a median exists, and 0.1 is far below it
+
+
+def test_within_architecture_is_the_default_and_can_be_turned_off() -> None:
+    raw = tiny(study={"pruner": {"name": "hyperband", "min_resource": 1}})
+    assert isinstance(build_study_pruner(parse_config(raw, "s.yaml")), WithinArchitecture)
+    raw["study"]["prune_within_architecture"] = False
+    assert isinstance(build_study_pruner(parse_config(raw, "s.yaml")),
+                      optuna.pruners.HyperbandPruner)
+    # A threshold judges by a fixed bound, not by peers: nothing to wrap.
+    raw = tiny(study={"pruner": {"name": "threshold", "lower": 0.1}})
+    assert isinstance(build_study_pruner(parse_config(raw, "s.yaml")),
+                      optuna.pruners.ThresholdPruner)
+
+
+def test_hyperband_within_an_architecture_sees_only_that_architecture() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Hyperband builds its own bracket studies from the study's storage: the view must hold.
+    within = WithinArchitecture(optuna.pruners.HyperbandPruner(min_resource=1, max_resource=6),
+                                min_peers=4)
+    study = optuna.create_study(direction="maximize", pruner=within)
+    for _ in range(6):
+        study.add_trial(curve_trial("cnn", [0.80, 0.90, 0.94, 0.95, 0.95, 0.95],
+                                    TrialState.COMPLETE))
+    for _ in range(4):
+        study.add_trial(curve_trial("gru", [0.10, 0.11, 0.12, 0.60, 0.90, 0.97],
+                                    TrialState.COMPLETE))
+    study.enqueue_trial({"architecture": "gru"})
+    trial = study.ask()
+    trial.suggest_categorical("architecture", ["cnn", "gru"])
+    pruned = False
+    for step, value in enumerate([0.10, 0.11, 0.12, 0.6]):
+        trial.report(value, step)
+        pruned = pruned or trial.should_prune()
+    assert not pruned
+
+
+def test_exploration_order_is_round_robin_within_the_budget() -> None:
+    config = parse_config(tiny(study={"min_trials_per_architecture": 2, "n_trials": 5}), "s")
+    assert exploration_order(config, Counter(), 5) == ["linear", "mlp", "cnn1d", "linear", "mlp"]
+    # A rerun tops up only what is short.
+    assert exploration_order(config, Counter({"linear": 2, "mlp": 1}), 10) == ["mlp", "cnn1d",
+                                                                             "cnn1d"]
+    assert exploration_order(config, Counter(), 0) == []
+
+
+@pytest.mark.slow
+def test_every_architecture_gets_its_minimum_with_two_workers(tmp_path: Path) -> None:
+    raw = tiny(study={"name": "explore", "n_trials": 6, "min_trials_per_architecture": 2,
+                      "sampler": {"name": "tpe", "seed": 0}},
+               train={"max_epochs": 2})
+    study_file = write_study(tmp_path, raw)
+    proc = subprocess.run([sys.executable, "-m", "hpsearch.run", study_file.name,
+                           "--results-dir", "res", "--workers", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = open_results(tmp_path / "res" / "explore").trials
+    counts = Counter(t.params["architecture"] for t in trials)
+    assert counts == {"linear": 2, "mlp": 2, "cnn1d": 2}, counts
+    # Each architecture's own parameters are named by it in Optuna.
+    names = {name for t in trials for name in t.params}
+    assert {"mlp.hidden", "cnn1d.channels"} <= names and "hidden" not in names
+
+
+def test_retention_keeps_a_pruned_representative_beside_the_best_complete_trial() -> None:
+    from hpsearch.checkpoint.retention import select_kept
+
+    complete = [(0, 0.50, "gru"), (1, 0.90, "cnn"), (2, 0.80, "cnn")]
+    pruned = [(3, 0.70, "gru"), (4, 0.95, "cnn")]
+    # top-1 (trial 1), gru's best complete (0) and representative (3), cnn's representative (4)
+    assert select_kept(complete, 1, minimize=False, pruned=pruned) == {0, 1, 3, 4}
