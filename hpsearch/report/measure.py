@@ -11,16 +11,21 @@ interrupt propagates).
 
 from __future__ import annotations
 
-import time
+import contextlib
+import os
+import signal
+import traceback
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from collections.abc import Callable, Generator, Mapping
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import optuna
 import torch
-from joblib.externals.loky import ProcessPoolExecutor
+from joblib.externals.loky.backend.context import get_context as loky_context
 from optuna.trial import FrozenTrial
 
 from hpsearch import attrs, ranking
@@ -163,57 +168,72 @@ def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
                     cache_dir: Path) -> Generator[_Retrain, None, None]:
     """Start the retrains; each result is yielded as it finishes, in no particular order.
 
-    Jobs are dealt to the slots round robin; each goes to the pool of its slot's device, whose
-    processes run only that device's jobs. Closing the generator kills the pools.
+    One process per slot (at most one per job), pinned to the slot's device once and fed one
+    job at a time over its own pipe, so a process only ever touches its device. Closing the
+    generator kills the processes still running (a stop abandons their work).
     """
     on_device = {s.device: sum(o.device == s.device for o in slots) for s in slots}
-    threads = {s.device: s.threads for s in slots}
-    queues: dict[str, deque[tuple[str, int]]] = {}
-    for k, job in enumerate(jobs):
-        queues.setdefault(slots[k % len(slots)].device, deque()).append(job)
-    pools: dict[str, ProcessPoolExecutor] = {}
-    running: dict[Future[_Retrain], str] = {}
+    pending = deque(jobs)
+    ctx = loky_context("loky")  # fresh interpreters: CUDA does not survive a fork
+    procs: list[tuple[BaseProcess, Connection]] = []
+    busy: dict[Connection, tuple[str, int]] = {}
 
-    def submit_next(device: str) -> None:
-        arch, seed = queues[device].popleft()
-        # A submit may start the pool's processes. The parent decides what Ctrl-C means (it
-        # kills them): they start with it ignored, so none dies of it half started.
-        with stop_signals_held():
-            future = pools[device].submit(_retrain, config, arch, dict(bests[arch].params),
-                                          seed, device, on_device[device], str(cache_dir))
-        running[future] = device
+    def hand(conn: Connection) -> None:
+        arch, seed = job = pending.popleft()
+        conn.send((config, arch, dict(bests[arch].params), seed, str(cache_dir)))
+        busy[conn] = job
 
     try:
-        for device, queue in queues.items():
-            workers = min(on_device[device], len(queue))
-            pools[device] = ProcessPoolExecutor(max_workers=workers, initializer=_pin,
-                                                initargs=(device, threads[device]))
-            # One job waiting per pool, no more than its call queue holds (see _handed_over).
-            for _ in range(min(len(queue), workers + 1)):
-                submit_next(device)
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                device = running.pop(future)
-                if queues[device]:
-                    submit_next(device)
-                yield future.result()
+        for slot in slots[: len(jobs)]:
+            here, there = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_retrain_process, name=f"hpsearch-retrain-{slot.index}",
+                               args=(there, slot.device, slot.threads, on_device[slot.device]))
+            # The parent decides what Ctrl-C means (it kills them): they start with it
+            # ignored, so none dies of it half started.
+            with stop_signals_held():
+                proc.start()
+            there.close()
+            procs.append((proc, here))
+            hand(here)
+        while busy:
+            for conn in mp_wait(list(busy)):
+                arch, seed = busy.pop(conn)  # type: ignore[index]
+                try:
+                    outcome = conn.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    raise RuntimeError(f"the seed retrain of {arch} (seed {seed}) died") from None
+                if outcome[0] == "error":
+                    raise RuntimeError(f"the seed retrain of {arch} (seed {seed}) failed: "
+                                       f"{outcome[1]}\n{outcome[2]}")
+                if pending:
+                    hand(conn)  # type: ignore[arg-type]
+                yield outcome[1]
     finally:
-        _handed_over(running)
-        for pool in pools.values():
-            pool.shutdown(wait=True, kill_workers=True)
+        for proc, conn in procs:
+            conn.close()  # an idle process reads the end of its pipe and returns
+            if proc.is_alive() and proc.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
 
 
-def _handed_over(futures: Iterable[Future[Any]], timeout: float = 1.0) -> None:
-    """Wait (briefly) until each job has reached its pool's call queue (is running or done).
-
-    loky's shutdown that kills the workers fails in its manager thread on a job submitted
-    but not yet handed over; with no more jobs in flight than that queue holds, they all are
-    within milliseconds.
-    """
-    end = time.monotonic() + timeout
-    while any(not (f.running() or f.done()) for f in futures) and time.monotonic() < end:
-        time.sleep(0.01)
+def _retrain_process(conn: Connection, device: str, threads: int, slots_on_device: int) -> None:
+    """A retrain process: pin the device once, then run the jobs it is handed until the pipe
+    closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _pin(device, threads)
+    while True:
+        try:
+            config, arch, params, seed, cache_dir = conn.recv()
+        except EOFError:
+            return
+        try:
+            outcome: tuple[Any, ...] = ("ok", _retrain(config, arch, params, seed, device,
+                                                       slots_on_device, cache_dir))
+        except Exception as err:  # reported to the parent, which raises it
+            outcome = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
+        conn.send(outcome)
 
 
 def _stop(results: Generator[_Retrain, None, None]) -> None:
