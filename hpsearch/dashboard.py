@@ -12,7 +12,6 @@ message.
 
 from __future__ import annotations
 
-import abc
 import argparse
 import copy
 import socket
@@ -39,6 +38,7 @@ from hpsearch.errors import UsageError, run_cli
 from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, summary_id, trial_id
 from hpsearch.results import ResultsLayout, locate
 from hpsearch.storage.backends import open_existing, open_journal
+from hpsearch.storage.views import StorageView
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 RETIRED_NOTE = "deleted: the trial is not among those that keep checkpoints"
@@ -149,17 +149,11 @@ def summarize_history(history: list[Any]) -> str:
     return f"{len(records)} epochs: " + ", ".join(parts)
 
 
-class PresentedStorage(BaseStorage):
+class PresentedStorage(StorageView):
     """A read-through view of a storage whose trials pass through :func:`present`.
 
     Everything else goes to the wrapped storage unchanged, writes included.
     """
-
-    def __init__(self, inner: BaseStorage) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     def _retired(self, study_id: int | None = None) -> set[str]:
         ids = (
@@ -201,25 +195,6 @@ class PresentedStorage(BaseStorage):
             ):
                 return {trial.number}
         return set()
-
-
-def _delegate(name: str) -> Any:
-    def method(self: PresentedStorage, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._inner, name)(*args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-# The rest of BaseStorage goes straight through; per-trial getters (user and system attrs,
-# params) keep BaseStorage's versions, which read through get_trial above.
-for _name in sorted(BaseStorage.__abstractmethods__ | {"get_n_trials", "remove_session",
-                                                       "check_trial_is_updatable",
-                                                       "get_trial_id_from_study_id_trial_number",
-                                                       "get_trial_number_from_id"}):
-    if _name not in vars(PresentedStorage):
-        setattr(PresentedStorage, _name, _delegate(_name))
-abc.update_abstractmethods(PresentedStorage)
 
 
 # ---------------------------------------------------------------- serving
