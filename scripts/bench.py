@@ -131,6 +131,18 @@ CONFIGS = (
 EXAMPLE = ROOT / "studies" / "mnist1d.yaml"
 
 
+def plain_loaders(data_path: str) -> tuple[Any, Any, int, int]:
+    """The plain script's DataLoaders over the cached splits, as a user writes them."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    d = torch.load(data_path, weights_only=True)
+    train_loader = DataLoader(TensorDataset(d["x_train"], d["y_train"]), batch_size=BATCH,
+                              shuffle=True)
+    val_loader = DataLoader(TensorDataset(d["x_val"], d["y_val"]), batch_size=BATCH)
+    return train_loader, val_loader, d["x_train"].shape[1], d["output_size"]
+
+
 def plain_search_worker(storage_path: str, study_name: str, n_trials: int, data_path: str,
                         epochs: int, seed: int) -> float:
     """The search a user writes by hand: the seed's loop as an objective, default TPE and
@@ -140,15 +152,10 @@ def plain_search_worker(storage_path: str, study_name: str, n_trials: int, data_
     import torch
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    d = torch.load(data_path, weights_only=True)
-    train_loader = DataLoader(TensorDataset(d["x_train"], d["y_train"]), batch_size=BATCH,
-                              shuffle=True)
-    val_loader = DataLoader(TensorDataset(d["x_val"], d["y_val"]), batch_size=BATCH)
-    length, classes = d["x_train"].shape[1], d["output_size"]
+    train_loader, val_loader, length, classes = plain_loaders(data_path)
 
     def objective(trial: optuna.Trial) -> float:
         arch = trial.suggest_categorical("architecture", ["mlp", "cnn1d"])
@@ -294,16 +301,11 @@ def plain_optuna_worker(storage_path: str, study_name: str, n_trials: int, data_
     import torch
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    d = torch.load(data_path, weights_only=True)
-    train_loader = DataLoader(TensorDataset(d["x_train"], d["y_train"]), batch_size=BATCH,
-                              shuffle=True)
-    val_loader = DataLoader(TensorDataset(d["x_val"], d["y_val"]), batch_size=BATCH)
-    length, classes = d["x_train"].shape[1], d["output_size"]
+    train_loader, val_loader, length, classes = plain_loaders(data_path)
 
     def objective(trial: optuna.Trial) -> float:
         arch = trial.suggest_categorical("architecture", ["mlp", "cnn1d"])
