@@ -19,10 +19,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
-from hpsearch import datasets, metrics, models, samplers
+from hpsearch import datasets, losses, metrics, models, samplers
 from hpsearch.errors import ConfigError
 from hpsearch.user_code import check_reference
 
@@ -31,6 +32,10 @@ PRUNERS = tuple(samplers.PRUNERS)
 DATASETS = datasets.DATASETS
 ARCHITECTURES = tuple(models.ARCHITECTURES)
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("plateau", "cosine", "onecycle", "step", "none")
+PRECISIONS = ("32", "bf16", "16")
+LOSS_PARAM_PREFIX = "loss."
+"""Searchable ``train.loss`` arguments are the Optuna parameters ``loss.<argument>``."""
 # Train keys that may hold a search distribution instead of a literal.
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "optimizer", "momentum")
 
@@ -138,8 +143,10 @@ class StudySection(_Strict):
     name: str
     """Study name; outputs go to ``<results-dir>/<name>/``."""
     metric: str = "val_loss"
-    """Monitored metric: val_loss, val_acc (classification), val_mse/val_mae (regression)."""
-    direction: Literal["minimize", "maximize"] = "minimize"
+    """Monitored metric: ``val_<name>`` of a metric in ``train.metrics`` (or ``train_loss``)."""
+    direction: Literal["minimize", "maximize"] | None = None
+    """Default: from the metric where it is obvious (loss, mse, mae: minimize; acc, f1, auroc,
+    precision, recall, r2: maximize); a user metric needs it given."""
     n_trials: int = Field(20, ge=1)
     """Total for the study: rerunning continues to this total."""
     timeout: float | None = Field(None, gt=0)
@@ -207,11 +214,110 @@ class DataSection(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["plateau", "none"] = "plateau"
-    """ReduceLROnPlateau on the monitored metric, or none."""
+    """``{name: plateau}``: ReduceLROnPlateau on the monitored metric, once per epoch."""
+
+    name: Literal["plateau"] = "plateau"
     patience: int = Field(5, ge=0)
     factor: float = Field(0.5, gt=0, lt=1)
     min_lr: float = Field(0.0, ge=0)
+
+
+class CosineSchedulerConfig(_Strict):
+    """``{name: cosine}``: linear warmup from 0 over ``warmup_epochs``, then cosine decay to
+    ``min_lr`` at ``train.max_epochs``; stepped after every optimizer step."""
+
+    name: Literal["cosine"]
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class OneCycleSchedulerConfig(_Strict):
+    """``{name: onecycle}``: torch's OneCycleLR over ``train.max_epochs``, stepped after every
+    optimizer step; it peaks at ``max_lr`` (default: the trial's ``train.lr``)."""
+
+    name: Literal["onecycle"]
+    max_lr: float | None = Field(None, gt=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+
+
+class StepSchedulerConfig(_Strict):
+    """``{name: step}``: the learning rate times ``gamma`` every ``step_size`` epochs."""
+
+    name: Literal["step"]
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+Scheduler = Annotated[
+    SchedulerConfig | CosineSchedulerConfig | OneCycleSchedulerConfig | StepSchedulerConfig,
+    Field(discriminator="name"),
+]
+
+
+class LossConfig(_Strict):
+    """``train.loss``: a built-in loss or ``"package.module:function"``, and its arguments
+    (literals or search distributions; the class weights as lists)."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict):
+            raise ValueError("must be a loss name or {name: ..., <argument>: ...}")
+        data = dict(data)
+        name = data.pop("name", None)
+        if not isinstance(name, str):
+            raise _KeyError("name", "required: a built-in loss or \"package.module:function\"")
+        if "arguments" in data and isinstance(data["arguments"], dict) and len(data) == 1:
+            data = dict(data["arguments"])  # the shape model_dump writes
+        if losses.is_user_loss(name):
+            try:
+                check_reference(name)
+            except ValueError as err:
+                raise _KeyError("name", str(err)) from None
+        elif name not in losses.LOSSES:
+            raise _KeyError("name", _unknown(name, tuple(losses.LOSSES), "loss")
+                            + ' (or "package.module:function")')
+        parsed = {}
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise _KeyError(str(key), "argument names must be strings")
+            if not losses.is_user_loss(name) and key not in losses.LOSSES[name].arguments:
+                valid = losses.LOSSES[name].arguments
+                raise _KeyError(key, _unknown(key, valid, f"argument of {name}")
+                                if valid else f"unknown key: {name} takes no arguments")
+            if isinstance(value, list) and not _is_distribution(value):
+                parsed[key] = value
+            else:
+                parsed[key] = _parse_value(value, key)
+            for literal in _literals(parsed[key]):
+                try:
+                    losses.check_argument(name, key, literal)
+                except ValueError as err:
+                    raise _KeyError(key, str(err)) from None
+        return {"name": name, "arguments": parsed}
+
+    @model_serializer(mode="plain")
+    def _study_shape(self) -> dict[str, Any]:
+        return {"name": self.name, **{
+            k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+            for k, v in self.arguments.items()}}
+
+    def searched(self) -> dict[str, Any]:
+        """The arguments that are search distributions."""
+        return {k: v for k, v in self.arguments.items()
+                if isinstance(v, (FloatDist, IntDist, CategoricalDist))}
+
+
+class LoggingSection(_Strict):
+    tensorboard: bool = False
+    """Write each trial's per-epoch scalars under ``trials/<n>/tensorboard/``."""
 
 
 class EarlyStoppingConfig(_Strict):
@@ -230,8 +336,22 @@ class TrainSection(_Strict):
     momentum: Any = 0.9
     """SGD momentum."""
     batch_size: Any = 128
-    lr_scheduler: SchedulerConfig | None = SchedulerConfig()
+    lr_scheduler: Scheduler | None = SchedulerConfig()
+    """plateau (default), cosine, onecycle, step, none (or null)."""
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
+    metrics: list[str] | None = None
+    """Metrics computed on every split: built-in names or "package.module:function";
+    default: the task's (classification: acc; regression: mse, mae). The loss always is."""
+    loss: LossConfig | None = None
+    """Default: cross_entropy (classification), mse (regression)."""
+    precision: Literal["32", "bf16", "16"] = "32"
+    """Training precision: 32, bf16 (autocast; CPU too) or 16 (autocast + GradScaler; CUDA)."""
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """Clip the gradients' total norm to this (null: no clipping)."""
+    accumulate_grad_batches: int = Field(1, ge=1)
+    """Optimizer step every this many batches (and at the end of every epoch)."""
+    compile: bool = False
+    """Train and evaluate through ``torch.compile(model)``."""
     seed: int = 0
     """Base seed; each trial trains with seed + trial number."""
     on_nonfinite: Literal["fail", "prune"] = "fail"
@@ -246,7 +366,35 @@ class TrainSection(_Strict):
         for key in SEARCHABLE_TRAIN_KEYS:
             if key in data:
                 data[key] = _parse_value(data[key], key)
+        sched = data.get("lr_scheduler")
+        if isinstance(sched, dict):
+            name = sched.get("name", "plateau")
+            if name not in SCHEDULERS:
+                raise _KeyError("lr_scheduler.name", _unknown(str(name), SCHEDULERS, "scheduler"))
+            data["lr_scheduler"] = None if name == "none" else {**sched, "name": name}
+        if isinstance(data.get("precision"), int) and not isinstance(data["precision"], bool):
+            data["precision"] = str(data["precision"])
         return data
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must name at least one metric (or leave it out for the task's)")
+        seen: dict[str, str] = {}
+        for i, entry in enumerate(v):
+            try:
+                name = metrics.check_entry(entry, None)
+                if metrics.is_user_metric(entry):
+                    check_reference(entry)
+            except ValueError as err:
+                raise _KeyError(str(i), str(err)) from None
+            if name in seen:
+                raise _KeyError(str(i), f"{entry!r} computes {name!r}, as {seen[name]!r} does")
+            seen[name] = entry
+        return v
 
     @model_validator(mode="after")
     def _check_literals(self) -> TrainSection:
@@ -442,17 +590,34 @@ class StudyConfig(_Strict):
     resources: ResourcesSection = ResourcesSection()
     report: ReportSection = ReportSection()
     artifacts: ArtifactsSection = ArtifactsSection()
+    logging: LoggingSection = LoggingSection()
+    callbacks: list[str] = []
+    """``"package.module:function"``: each called as fn(event) after every epoch and when a
+    trial ends (see hpsearch.callbacks.TrialEvent)."""
+
+    @field_validator("callbacks")
+    @classmethod
+    def _callbacks(cls, v: list[str]) -> list[str]:
+        for i, ref in enumerate(v):
+            try:
+                check_reference(ref)
+            except ValueError as err:
+                raise _KeyError(str(i), str(err)) from None
+        return v
 
     @model_validator(mode="after")
     def _defaults_and_enqueue(self) -> StudyConfig:
         task = datasets.TASKS.get(self.data.name)
         if task is not None:
-            for key, name in (("study.metric", self.study.metric),
-                              ("checkpoint.monitor", self.checkpoint.monitor)):
-                available = metrics.monitorable(task)
-                if name is not None and name not in available:
-                    raise _KeyError(key, f"{name!r} is not computed for {self.data.name} "
-                                    f"({task}); available: {', '.join(available)}")
+            problem = task_problem(self, task)
+            if problem is not None:
+                raise _KeyError(problem[0], problem[1] + f" ({self.data.name} is {task})")
+        if self.study.direction is None:
+            direction = metrics.direction_of(self.study.metric)
+            if direction is None:
+                raise _KeyError("study.direction", f"required for the user metric "
+                                f"{self.study.metric!r}: minimize or maximize")
+            self.study.direction = direction
         if self.model.init_from is not None:
             src = Path(self.model.init_from)
             if not (src.is_file() or (src / "best" / "model.pt").exists()):
@@ -461,7 +626,12 @@ class StudyConfig(_Strict):
         if self.checkpoint.monitor is None:
             self.checkpoint.monitor = self.study.metric
         if self.checkpoint.mode is None:
-            self.checkpoint.mode = "max" if self.study.direction == "maximize" else "min"
+            direction = (self.study.direction if self.checkpoint.monitor == self.study.metric
+                         else metrics.direction_of(self.checkpoint.monitor))
+            if direction is None:
+                raise _KeyError("checkpoint.mode", f"required for the user metric "
+                                f"{self.checkpoint.monitor!r}: min or max")
+            self.checkpoint.mode = "max" if direction == "maximize" else "min"
         for i, params in enumerate(self.study.enqueue):
             arch = params.get("architecture")
             if arch is None and len(self.model.architecture) == 1:
@@ -472,6 +642,7 @@ class StudyConfig(_Strict):
                     _unknown(str(arch), tuple(self.model.architecture), "architecture"),
                 )
             allowed = set(self.model.architecture[arch].params) | set(SEARCHABLE_TRAIN_KEYS)
+            allowed |= set(loss_param_names(self))
             allowed.add("architecture")
             for key in params:
                 if key not in allowed:
@@ -497,7 +668,46 @@ class StudyConfig(_Strict):
         return raw
 
 
+def loss_param_names(config: StudyConfig) -> dict[str, str]:
+    """Optuna name (``loss.label_smoothing``) -> ``train.loss`` argument, of each searched
+    loss argument."""
+    loss = config.train.loss
+    return {} if loss is None else {LOSS_PARAM_PREFIX + k: k for k in loss.searched()}
+
+
+def task_problem(config: StudyConfig, task: str) -> tuple[str, str] | None:
+    """(key, problem) of the first setting the task cannot use, or None.
+
+    Checked when the study is read for a built-in dataset, and at the start of a run for the
+    user's data (whose task is known only then).
+    """
+    for i, entry in enumerate(config.train.metrics or ()):
+        try:
+            metrics.check_entry(entry, task)
+        except ValueError as err:
+            return f"train.metrics.{i}", str(err)
+    loss = config.train.loss
+    if loss is not None and not losses.is_user_loss(loss.name) \
+            and task not in losses.LOSSES[loss.name].tasks:
+        return "train.loss.name", f"{loss.name!r} is not a {task} loss"
+    available = metrics.monitorable(task, config.train.metrics)
+    for key, name in (("study.metric", config.study.metric),
+                      ("checkpoint.monitor", config.checkpoint.monitor)):
+        if name is not None and name not in available:
+            return key, f"{name!r} is not computed; available: {', '.join(available)}"
+    return None
+
+
 # ---------------------------------------------------------------- helpers
+
+
+def _literals(value: Any) -> list[Any]:
+    """The values a literal or a distribution can take that can be checked up front."""
+    if isinstance(value, (FloatDist, IntDist)):
+        return [value.low, value.high]
+    if isinstance(value, CategoricalDist):
+        return list(value.choices)
+    return [value]
 
 
 class _KeyError(ValueError):
@@ -541,14 +751,17 @@ def _first_error(err: ValidationError, raw: Any = None) -> tuple[str, str]:
     loc = list(e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
     ctx_err = (e.get("ctx") or {}).get("error")
+    # A validator's own key path is kept whole, also where the input lacks it (a default).
+    below: list[str] = []
     if isinstance(ctx_err, _KeyError):
-        loc, msg = loc + ctx_err.key.split("."), ctx_err.problem
+        below, msg = ctx_err.key.split("."), ctx_err.problem
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     if raw is None:
         parts = [str(p) for p in loc if str(p) not in ("float", "int", "categorical")]
-        return ".".join(parts), msg
+        return ".".join(parts + below), msg
     parts, odd = _user_path(raw, loc, missing=e["type"] == "missing")
+    parts += below
     if e["type"] == "invalid_key" and odd is None:
         # Pydantic locates a non-string key by position; find it in the mapping itself.
         node: Any = raw

@@ -50,6 +50,10 @@ class FileWriteError(HpsearchError, OSError):
         return str(self.strerror) if self.strerror else super().__str__()
 
 
+class CallbackError(HpsearchError, RuntimeError):
+    """A user callback (``callbacks:``) raised: the trial fails, and this names the callback."""
+
+
 class Interrupted(HpsearchError):
     """A stop was requested (Ctrl-C, SIGTERM); raised where work can stop cleanly."""
 

@@ -89,6 +89,10 @@ class ResultsLayout:
     def train_log(self, number: int) -> Path:
         return self.trial(number) / "train.log"
 
+    def tensorboard(self, number: int) -> Path:
+        """A trial's TensorBoard event files (``logging.tensorboard``)."""
+        return self.trial(number) / "tensorboard"
+
     def heartbeat(self, number: int) -> Path:
         return self.trial(number) / "heartbeat"
 

@@ -5,7 +5,8 @@ parameters are suggested only when it is chosen (a conditional space), under a n
 by the architecture (``gru.hidden``), so two architectures that both call a parameter
 ``hidden`` never share one distribution in the sampler. Training parameters (``lr``,
 ``batch_size``, ...) are shared by every architecture and keep their names. Model factories
-receive bare names. Literal values in the study file are recorded but not suggested.
+receive bare names. Literal values in the study file are recorded but not suggested. The
+``train.loss`` arguments that are searched are the Optuna parameters ``loss.<argument>``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import optuna
 
 from hpsearch.attrs import ARCHITECTURE
 from hpsearch.config import (
+    LOSS_PARAM_PREFIX,
     SEARCHABLE_TRAIN_KEYS,
     CategoricalDist,
     FloatDist,
@@ -32,10 +34,14 @@ class TrialParams:
     architecture: str
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    """The ``train.loss`` arguments (searched ones sampled), by argument name."""
 
     def flat(self) -> dict[str, Any]:
-        """All values, as the study file names them (the architecture included)."""
-        return {"architecture": self.architecture, **self.model, **self.train}
+        """All values, as the study file names them (the architecture included; the loss
+        arguments as ``loss.<argument>``)."""
+        loss = {LOSS_PARAM_PREFIX + k: v for k, v in self.loss.items()}
+        return {"architecture": self.architecture, **self.model, **self.train, **loss}
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, value: Any) -> Any:
@@ -62,7 +68,9 @@ def sample(trial: optuna.trial.BaseTrial, config: StudyConfig) -> TrialParams:
     model = {key: _suggest(trial, optuna_name(architecture, key), v)
              for key, v in spec.params.items()}
     train = {key: _suggest(trial, key, getattr(config.train, key)) for key in SEARCHABLE_TRAIN_KEYS}
-    return TrialParams(architecture=architecture, model=model, train=train)
+    arguments = config.train.loss.arguments if config.train.loss is not None else {}
+    loss = {key: _suggest(trial, LOSS_PARAM_PREFIX + key, v) for key, v in arguments.items()}
+    return TrialParams(architecture=architecture, model=model, train=train, loss=loss)
 
 
 def to_optuna_names(params: dict[str, Any], config: StudyConfig) -> dict[str, Any]:

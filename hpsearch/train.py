@@ -3,10 +3,15 @@
 The loop sees Optuna through three things only: ``trial.report``, ``trial.should_prune`` and
 ``TrialPruned``. Everything else is the practice of "save the best model on validation
 performance": a tracker decides what "better" means (NaN and inf never are), the best epoch is
-checkpointed when it improves, ReduceLROnPlateau and early stopping read the same monitored
-value, a ``last.pt`` resume state is written every epoch, and the best weights are restored at
-the end. The trial's value is the monitored metric of its best epoch, the epoch of its
-checkpoint.
+checkpointed when it improves, the learning-rate schedule and early stopping read the same
+monitored value, a ``last.pt`` resume state is written every epoch, and the best weights are
+restored at the end. The trial's value is the monitored metric of its best epoch, the epoch of
+its checkpoint.
+
+The built-in loop's options (``train.precision``, ``grad_clip_norm``,
+``accumulate_grad_batches``, ``lr_scheduler``, ``compile``) live in :class:`Trainer`; a
+pending gradient accumulation is always stepped at the end of an epoch, so the resume state
+(written between epochs) never holds half an accumulation.
 """
 
 from __future__ import annotations
@@ -27,20 +32,24 @@ import torch
 from torch import nn
 
 from hpsearch import attrs, metrics
+from hpsearch.callbacks import Callbacks, TensorBoardLog, TrialEvent
 from hpsearch.checkpoint.format import load_checkpoint
 from hpsearch.checkpoint.trial_files import FORMAT_VERSION, BackgroundWriter, TrialFiles, snapshot
 from hpsearch.config import StudyConfig
 from hpsearch.data import Dataset, DeviceBatches
-from hpsearch.errors import HpsearchError, Interrupted
+from hpsearch.errors import CallbackError, ConfigError, HpsearchError, Interrupted
+from hpsearch.evaluation import EVAL_BATCH, evaluate, study_evaluator
 from hpsearch.files import atomic_torch_save
 from hpsearch.models import build_model, count_parameters
+from hpsearch.optim import build_optimizer, build_schedule
 from hpsearch.optuna_private import frozen
 from hpsearch.ranking import improves
 from hpsearch.results import MANIFEST, RESUME_STATE, ResultsLayout
 from hpsearch.space import TrialParams
 from hpsearch.version import __version__
 
-EVAL_BATCH = 4096
+__all__ = ["EVAL_BATCH", "NonFiniteError", "Trainer", "TrialEnv", "evaluate", "run_trial",
+           "train_and_test"]
 
 
 class NonFiniteError(HpsearchError, RuntimeError):
@@ -80,49 +89,7 @@ class Tracker:
         self.bad_epochs = int(state["bad_epochs"])
 
 
-# ---------------------------------------------------------------- losses and metrics
-
-
-def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: DeviceBatches, task: str) -> dict[str, float]:
-    """Mean loss and the task's metrics over a whole split (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    loss_fn = _loss_fn(task)
-    totals: dict[str, torch.Tensor] = {}
-    n = 0
-    for xb, yb in batches.iterate(EVAL_BATCH):
-        out = model(xb)
-        k = len(yb)
-        parts = {"loss": loss_fn(out, yb, reduction="sum")}
-        if task == "classification":
-            parts["acc"] = (out.argmax(1) == yb).sum()
-        else:
-            parts["mse"] = ((out - yb) ** 2).mean(dim=tuple(range(1, out.dim()))).sum()
-            parts["mae"] = (out - yb).abs().mean(dim=tuple(range(1, out.dim()))).sum()
-        for name, v in parts.items():
-            totals[name] = totals.get(name, 0) + v.double()
-        n += k
-    model.train(was_training)
-    # One host sync for all metrics.
-    values = torch.stack(list(totals.values())).cpu().tolist()
-    return {name: v / max(n, 1) for name, v in zip(totals, values)}
-
-
 # ---------------------------------------------------------------- the trainer
-
-
-def _build_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
-    name, lr, wd = train["optimizer"], float(train["lr"]), float(train["weight_decay"])
-    if name == "sgd":
-        momentum = float(train["momentum"])
-        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=momentum)
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=lr, weight_decay=wd)
 
 
 def seed_everything(seed: int) -> None:
@@ -156,9 +123,12 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator, device: torch.de
     gen.set_state(state["shuffle"].cpu())
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
 @dataclass
 class Trainer:
-    """Model, optimizer, scheduler, tracker and history of one training run."""
+    """Model, optimizer, schedule, tracker and history of one training run."""
 
     config: StudyConfig
     params: TrialParams
@@ -172,7 +142,10 @@ class Trainer:
 
     def __post_init__(self) -> None:
         seed_everything(self.seed)
-        cfg = self.config
+        cfg, train = self.config, self.config.train
+        if train.precision == "16" and self.device.type != "cuda":
+            raise ConfigError("", "train.precision", f"16 (float16 with a GradScaler) needs a "
+                              f"CUDA device, not {self.device}; use bf16 on the CPU")
         self.model = build_model(
             self.params.architecture,
             self.params.model,
@@ -183,19 +156,11 @@ class Trainer:
         if cfg.model.init_from:
             load_initial_weights(self.model, cfg.model.init_from)
         self.model.to(self.device)
-        self.optimizer = _build_optimizer(self.model, self.params.train)
+        # The weights, the state dicts and the checkpoints stay the plain module's.
+        self.forward: nn.Module = torch.compile(self.model) if train.compile else self.model
+        self.optimizer = build_optimizer(self.model, self.params.train)
         self.monitor, self.mode = cfg.checkpoint.monitor or cfg.study.metric, cfg.checkpoint.mode
-        sched = cfg.train.lr_scheduler
-        self.scheduler = None
-        if sched is not None and sched.name == "plateau":
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer,
-                mode=self.mode,
-                patience=sched.patience,
-                factor=sched.factor,
-                min_lr=sched.min_lr,
-            )
-        es = cfg.train.early_stopping
+        es = train.early_stopping
         self.tracker = Tracker(
             self.mode, es.min_delta if es else 0.0, es.patience if es else None
         )
@@ -205,21 +170,60 @@ class Trainer:
                                            num_workers=workers)
         self.val_batches = DeviceBatches(self.dataset, "val", self.device, self.in_memory,
                                          num_workers=workers)
-        self.loss_fn = _loss_fn(self.dataset.task)
+        self.evaluator = study_evaluator(cfg, self.dataset.task, self.params.loss)
+        self.loss_fn = self.evaluator.loss
         self.batch_size = int(self.params.train["batch_size"])
+        self.accumulate = train.accumulate_grad_batches
+        self.batches_per_epoch = math.ceil(len(self.train_batches) / self.batch_size)
+        self.schedule = build_schedule(
+            self.optimizer, train.lr_scheduler, self.mode, train.max_epochs,
+            math.ceil(self.batches_per_epoch / self.accumulate))
+        self.autocast_dtype = AUTOCAST_DTYPES.get(train.precision)
+        # Float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if train.precision == "16" else None)
+        self.clip = train.grad_clip_norm
         self.start_epoch = 0
 
+    def _forward_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.loss_fn(self.forward(xb), yb)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.loss_fn(self.forward(xb), yb)
+
+    def _optimizer_step(self) -> None:
+        clip = self.clip
+        if self.scaler is not None:
+            if clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.after_optimizer_step()
+
     def train_epoch(self) -> float:
-        model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
-        model.train()
+        opt, accumulate, n_batches = self.optimizer, self.accumulate, self.batches_per_epoch
+        self.forward.train()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         n = 0
         last_check = time.monotonic()
-        for xb, yb in self.train_batches.iterate(self.batch_size, self.generator):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
+        for i, (xb, yb) in enumerate(self.train_batches.iterate(self.batch_size,
+                                                                self.generator)):
+            if i % accumulate == 0:
+                opt.zero_grad(set_to_none=True)
+            loss = self._forward_loss(xb, yb)
+            scaled = loss
+            if accumulate > 1:
+                # Each step averages over its batches (the epoch's last group may be shorter).
+                scaled = loss / min(accumulate, n_batches - (i - i % accumulate))
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == n_batches:
+                self._optimizer_step()
             total += loss.detach().double() * len(yb)
             n += len(yb)
             # A stop request is honoured within about a second, even in a long epoch.
@@ -229,11 +233,15 @@ class Trainer:
                     raise Interrupted()
         return float(total.item()) / max(n, 1)
 
+    def evaluate(self, batches: DeviceBatches) -> dict[str, float]:
+        """Base metric name -> value over a whole split, with the study's loss and metrics."""
+        return self.evaluator(self.forward, batches)
+
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch and validate; append and return the epoch's record."""
         t0 = time.perf_counter()
         train_loss = self.train_epoch()
-        val = evaluate(self.model, self.val_batches, self.dataset.task)
+        val = self.evaluate(self.val_batches)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
@@ -253,8 +261,9 @@ class Trainer:
         self.val_batches.close()
 
     def step_scheduler(self, value: float) -> None:
-        if self.scheduler is not None and math.isfinite(value):
-            self.scheduler.step(value)
+        """End of an epoch: an epoch-wise schedule steps (plateau with the monitored value)."""
+        if self.schedule is not None:
+            self.schedule.after_epoch(value)
 
     def model_meta(self) -> dict[str, Any]:
         """JSON-safe metadata that rebuilds the model without the study file."""
@@ -272,7 +281,8 @@ class Trainer:
             "epoch": epoch,
             "model_state_dict": self.model.state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(),
-            "scheduler_state_dict": self.scheduler.state_dict() if self.scheduler else None,
+            "scheduler_state_dict": self.schedule.state_dict() if self.schedule else None,
+            "grad_scaler_state_dict": self.scaler.state_dict() if self.scaler else None,
             "tracker": self.tracker.state_dict(),
             "history": list(self.history),
             "seconds": self.seconds,
@@ -282,8 +292,10 @@ class Trainer:
     def load_resume_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
-        if self.scheduler is not None and state["scheduler_state_dict"] is not None:
-            self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        if self.schedule is not None and state["scheduler_state_dict"] is not None:
+            self.schedule.load_state_dict(state["scheduler_state_dict"])
+        if self.scaler is not None and state.get("grad_scaler_state_dict"):
+            self.scaler.load_state_dict(state["grad_scaler_state_dict"])
         self.tracker.load_state_dict(state["tracker"])
         self.history = list(state["history"])
         self.seconds = float(state["seconds"])
@@ -379,6 +391,14 @@ class _TrialRun:
             "study": cfg.study.name,
             "config": cfg.as_study_dict(),
         }
+        self.params = params
+        self.callbacks = Callbacks(cfg.callbacks)
+        self.tensorboard = (TensorBoardLog(env.layout.tensorboard(trial.number))
+                            if cfg.logging.tensorboard else None)
+        if self.tensorboard is not None:
+            # A resumed trial's curves start where its predecessor's did.
+            for rec in self.trainer.history:
+                self.tensorboard.epoch(rec)
         self.writer = BackgroundWriter()
         self.best_state: dict[str, torch.Tensor] | None = None
         # Short epochs would spend more on last.pt than on training: it is written at most
@@ -386,11 +406,45 @@ class _TrialRun:
         self.last_resume_write = time.monotonic()
 
     def train(self) -> float:
+        """Train, finish, and tell the callbacks how the trial ended."""
+        try:
+            value = self._train()
+        except Interrupted:
+            raise  # not an end: the trial resumes
+        except optuna.TrialPruned:
+            self._end("PRUNED", None)
+            raise
+        except Exception:
+            try:
+                self._end("FAIL", None)
+            except CallbackError as err:
+                self.env.log(f"{err} (the trial had failed already)")
+            raise
+        self._end("COMPLETE", value)
+        return value
+
+    def _end(self, state: str, value: float | None) -> None:
+        history = self.trainer.history
+        last = history[-1] if history else {}
+        self.callbacks(TrialEvent(
+            "trial_end", self.trial.number, int(last["epoch"]) if last else None,
+            dict(last), state, value, self.params.flat()))
+
+    def _epoch_event(self, epoch: int, record: dict[str, float]) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(record)
+        if self.callbacks.functions:
+            self.callbacks(TrialEvent("epoch", self.trial.number, epoch, dict(record),
+                                      "RUNNING", record[self.cfg.study.metric],
+                                      self.params.flat()))
+
+    def _train(self) -> float:
         try:
             for epoch in range(self.trainer.start_epoch, self.cfg.train.max_epochs):
                 record, value = self._validated_epoch(epoch)
                 stopping = self._keep(epoch, record, value)
                 self.env.on_epoch(self.trial.number, epoch, record)
+                self._epoch_event(epoch, record)
                 if self.trial.should_prune():
                     self.writer.flush()
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -405,6 +459,8 @@ class _TrialRun:
         finally:
             self.writer.close()
             self.trainer.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             _record(self.trial, self.trainer, self.files, self.env)
         return self._finish()
 
@@ -585,7 +641,7 @@ def train_and_test(
     test = DeviceBatches(dataset, "test", device, in_memory=in_memory,
                          num_workers=config.data.num_workers)
     try:
-        scores = evaluate(trainer.model, test, dataset.task)
+        scores = trainer.evaluate(test)
     finally:
         test.close()
     return {metrics.named("test", k): v for k, v in scores.items()}

@@ -26,9 +26,10 @@ from hpsearch.checkpoint.study_best import read_best_meta
 from hpsearch.config import parse_config
 from hpsearch.data import DeviceBatches
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, CheckpointError, ConfigError, UsageError, run_cli
+from hpsearch.evaluation import study_evaluator
 from hpsearch.files import sha256_file
 from hpsearch.results import MANIFEST, ResultsLayout
-from hpsearch.train import evaluate
+from hpsearch.space import from_params
 
 
 @dataclass
@@ -79,8 +80,8 @@ def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict
         return Verdict(False, str(err))
     dataset = data_mod.load(config.data, layout.data_cache)
     val = DeviceBatches(dataset, "val", torch.device("cpu"), in_memory=True)
-    metrics = {metric_names.named("val", k): v
-               for k, v in evaluate(model, val, dataset.task).items()}
+    evaluator = study_evaluator(config, dataset.task, from_params(ckpt["params"], config).loss)
+    metrics = {metric_names.named("val", k): v for k, v in evaluator(model, val).items()}
     monitor, recorded = ckpt["monitor"], float(ckpt["value"])
     reproduced = metrics.get(monitor)
     if reproduced is None:

@@ -365,3 +365,77 @@ def test_streaming_data_through_persistent_pinned_loaders(
     trials = trials_of(tmp_path / "res/tiny")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, states(trials)
     assert {t.user_attrs["device"] for t in trials} == {"cuda:0"}
+
+
+# ---------------------------------------------------------------- training options on CUDA
+
+
+def test_fp16_with_grad_scaler_clip_and_compile_on_gpu(tmp_path: Path) -> None:
+    raw = tiny(
+        study={"n_trials": 2},
+        model={"architecture": {"mlp": {"hidden": 32}, "cnn1d": {"channels": 4}}},
+        train={"max_epochs": 2, "precision": 16, "grad_clip_norm": 1.0, "compile": True,
+               "accumulate_grad_batches": 2, "metrics": ["acc", "f1", "auroc"],
+               "lr_scheduler": {"name": "onecycle"}},
+        resources={"workers": 1},
+    )
+    study_file = write_study(tmp_path, raw)
+    out = run_cli(tmp_path, study_file, "--workers", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = trials_of(tmp_path / "res/tiny")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, states(trials)
+    for t in trials:
+        assert all(0 <= h["val_f1"] <= 1 and 0 <= h["val_auroc"] <= 1
+                   for h in t.user_attrs["history"])
+    model = hpsearch.load_best_model(tmp_path / "res/tiny", map_location="cuda:0")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_fp16_resume_restores_the_grad_scaler_on_gpu(tmp_path: Path) -> None:
+    # Internal API, imported here so that a renamed module fails this test only.
+    import copy
+
+    import optuna
+    from studyfiles import TINY
+
+    from hpsearch.config import parse_config
+    from hpsearch.data import build
+    from hpsearch.errors import Interrupted
+    from hpsearch.optuna_private import frozen
+    from hpsearch.results import ResultsLayout
+    from hpsearch.space import sample
+    from hpsearch.storage.trials import fail_trial
+    from hpsearch.train import TrialEnv, run_trial
+
+    raw = copy.deepcopy(TINY)
+    raw["model"]["architecture"] = {"mlp": {"hidden": 32}}
+    raw["train"].update(max_epochs=4, lr=0.01, early_stopping=None, precision=16,
+                        lr_scheduler={"name": "cosine", "warmup_epochs": 1})
+    raw["checkpoint"].update(resume_min_seconds=0)
+    cfg = parse_config(raw, "s.yaml")
+    ds = build(cfg.data)
+    device = torch.device("cuda:0")
+
+    def env(folder: Path, **kw: object) -> TrialEnv:
+        return TrialEnv(config=cfg, dataset=ds, device=device, layout=ResultsLayout(folder),
+                        worker="test", log=lambda s: None, **kw)  # type: ignore[arg-type]
+
+    straight = optuna.create_study(direction="maximize").ask()
+    run_trial(straight, sample(straight, cfg), env(tmp_path / "a"))
+    epochs: list[int] = []
+    resumed_env = env(tmp_path / "b", should_stop=lambda: len(epochs) >= 1,
+                      on_epoch=lambda n, e, rec: epochs.append(e))
+    study = optuna.create_study(direction="maximize")
+    first = study.ask()
+    with pytest.raises(Interrupted):
+        run_trial(first, sample(first, cfg), resumed_env)
+    state = torch.load(tmp_path / "b/trials/0/last.pt", weights_only=True)
+    assert state["grad_scaler_state_dict"]["scale"] > 0
+    fail_trial(study, frozen(first), "interrupted", retry=True)
+    resumed_env.should_stop = lambda: False
+    retry = study.ask()
+    run_trial(retry, sample(retry, cfg), resumed_env)
+    a, b = straight.user_attrs["history"], retry.user_attrs["history"]
+    assert [h["lr"] for h in a] == [h["lr"] for h in b]
+    for ha, hb in zip(a, b):
+        assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=1e-3)

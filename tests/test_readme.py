@@ -12,7 +12,7 @@ from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 # Sections documented as a whole (a mapping with free-form keys, or a nested default).
 WHOLE = {"study.sampler", "study.pruner", "model.architecture", "train.lr_scheduler",
-         "train.early_stopping"}
+         "train.early_stopping", "train.loss"}
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -33,10 +33,11 @@ from hpsearch import data as data_mod
 from hpsearch.checkpoint.loading import load_model
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceBatches
+from hpsearch.evaluation import study_evaluator
 from hpsearch.metrics import base_of, on_split
 from hpsearch.results import ResultsLayout
 from hpsearch.space import from_params
-from hpsearch.train import evaluate, train_and_test
+from hpsearch.train import train_and_test
 from hpsearch.workers.slots import Slot
 from hpsearch.workers.supervisor import stop_signals_held
 
@@ -50,7 +51,8 @@ class Measurements(NamedTuple):
 
     test_metric_name: str
     test_metrics: dict[str, float]
-    """Test metric of each architecture's best checkpoint (those still on disk)."""
+    """Test metric of each architecture's best checkpoint (those still on disk), with the
+    study's metric and loss."""
     seed_metrics: dict[str, list[float]]
     """Test metric of each retrain of each architecture's best configuration, by seed."""
 
@@ -76,16 +78,17 @@ def measure(
     dataset = data_mod.load(config.data, layout.data_cache)
     return Measurements(
         test_metric_name=on_split(config.study.metric, "test"),
-        test_metrics=score_checkpoints(layout, bests, dataset, config.study.metric),
+        test_metrics=score_checkpoints(layout, bests, dataset, config),
         seed_metrics=seed_retrains(config, bests, slots, layout.data_cache, on_progress),
     )
 
 
 def score_checkpoints(
     layout: ResultsLayout, bests: Mapping[str, FrozenTrial], dataset: data_mod.Dataset,
-    metric: str,
+    config: StudyConfig,
 ) -> dict[str, float]:
-    """Test metric of each architecture's best checkpoint (those still on disk)."""
+    """Test metric of each architecture's best checkpoint (those still on disk), with the
+    study's metric and loss."""
     test = DeviceBatches(dataset, "test", torch.device("cpu"), in_memory=True)
     scores = {}
     for arch, trial in bests.items():
@@ -93,7 +96,8 @@ def score_checkpoints(
         if not relative or not (layout.root / relative).exists():
             continue
         model = load_model(layout.root / relative, map_location="cpu")
-        scores[arch] = evaluate(model, test, dataset.task)[base_of(metric)]
+        evaluator = study_evaluator(config, dataset.task, from_params(trial.params, config).loss)
+        scores[arch] = evaluator(model, test)[base_of(config.study.metric)]
     return scores
 
 

@@ -20,10 +20,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import attrs, data, metrics
+from hpsearch import attrs, data
 from hpsearch.checkpoint.artifacts import open_artifact_store, publish_study_best
 from hpsearch.checkpoint.study_best import reconcile_best
-from hpsearch.config import StudyConfig
+from hpsearch.config import StudyConfig, task_problem
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, ConfigError, HpsearchError, Interrupted
 from hpsearch.files import atomic_torch_save, clean_stale_temporaries
 from hpsearch.optuna_private import planned_params
@@ -89,6 +89,8 @@ def run_study(
     deadline = time.time() + config.study.timeout if config.study.timeout else None
     sup = Supervisor(config, layout, url, slots, deadline=deadline, on_event=event,
                      dataset=dataset, prior_trials=len(study.get_trials(deepcopy=False)))
+    if config.logging.tensorboard:
+        event(f"tensorboard: tensorboard --logdir {layout.trials}")
     event(f"{len(slots)} worker(s), {sup.start_method}ed: "
           + ", ".join(f"{s.device} ({s.threads} thread{'s' * (s.threads > 1)})" for s in slots))
     stop = StopSignals(on_first=sup.request_stop, on_second=sup.kill_all, enabled=handle_signals)
@@ -131,6 +133,10 @@ def check_strategy(config: StudyConfig, source: str) -> list[Slot]:
         start_method(config.resources, slots)
     except ValueError as err:
         raise ConfigError(source, "resources.start_method", str(err)) from None
+    cpus = sorted({s.device for s in slots if not s.device.startswith("cuda")})
+    if config.train.precision == "16" and cpus:
+        raise ConfigError(source, "train.precision", f"16 (float16 with a GradScaler) needs "
+                          f"CUDA devices; {', '.join(cpus)} would train it: use bf16 on the CPU")
     return slots
 
 
@@ -158,12 +164,15 @@ def load_dataset(config: StudyConfig, source: str, layout: ResultsLayout) -> dat
         dataset = data.load(config.data, layout.data_cache)
     except Exception as err:
         raise ConfigError(source, "data", f"cannot build the dataset: {err}") from None
-    available = metrics.monitorable(dataset.task)
-    for key, name in (("study.metric", config.study.metric),
-                      ("checkpoint.monitor", config.checkpoint.monitor)):
-        if name not in available:
-            raise ConfigError(source, key, f"{name!r} is not computed for this "
-                              f"{dataset.task} dataset; available: {', '.join(available)}")
+    problem = task_problem(config, dataset.task)
+    if problem is not None:
+        raise ConfigError(source, problem[0], f"{problem[1]} (this dataset is {dataset.task})")
+    loss = config.train.loss
+    for key in ("weight", "pos_weight"):
+        value = loss.arguments.get(key) if loss is not None else None
+        if isinstance(value, list) and len(value) != dataset.output_size:
+            raise ConfigError(source, f"train.loss.{key}", f"has {len(value)} values; the "
+                              f"model has {dataset.output_size} outputs (one per class)")
     return dataset
 
 
