@@ -41,7 +41,7 @@ from hpsearch.checkpoint.study_best import offer_best
 from hpsearch.config import StudyConfig
 from hpsearch.errors import Interrupted
 from hpsearch.files import atomic_write_json, file_lock
-from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, tell
+from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, storage_of, tell
 from hpsearch.pruning import build_study_pruner
 from hpsearch.results import ResultsLayout
 from hpsearch.samplers import build_sampler
@@ -188,7 +188,7 @@ def _claim(study: optuna.Study, cfg: StudyConfig, paths: ResultsLayout, spec: Wo
     with file_lock(paths.lock("claim")):
         if not stop.may_start():
             return None
-        if isinstance(study._storage, optuna.storages.RDBStorage):
+        if isinstance(storage_of(study), optuna.storages.RDBStorage):
             optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         index = claims.index
