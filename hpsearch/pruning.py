@@ -29,7 +29,8 @@ class WithinArchitecture(optuna.pruners.BasePruner):
 
     def __init__(self, inner: optuna.pruners.BasePruner, min_peers: int) -> None:
         self.inner, self.min_peers = inner, min_peers
-        self._views: dict[tuple[int, str], optuna.Study] = {}
+        # Per (study, architecture); the study is kept so its id cannot be reused.
+        self._views: dict[tuple[int, str], tuple[optuna.Study, optuna.Study]] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         architecture = trial.params.get(attrs.ARCHITECTURE)
@@ -45,13 +46,14 @@ class WithinArchitecture(optuna.pruners.BasePruner):
     def _view(self, study: optuna.Study, architecture: str) -> optuna.Study:
         key = (id(study), architecture)
         if key not in self._views:
-            self._views[key] = optuna.Study(
+            view = optuna.Study(
                 study_name=study.study_name,
                 storage=ArchitectureView(storage_of(study), architecture),
                 sampler=study.sampler,
                 pruner=self.inner,
             )
-        return self._views[key]
+            self._views[key] = (study, view)
+        return self._views[key][1]
 
 
 def build_study_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:

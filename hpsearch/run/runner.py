@@ -72,8 +72,8 @@ def run_study(
         ConfigError: The study is inconsistent with its data, its devices, or a stored study.
     """
     slots = check_strategy(config, source)
-    dataset = load_dataset(config, source, ResultsLayout.of(config, results_root))
     layout = ResultsLayout.of(config, results_root)
+    dataset = load_dataset(config, source, layout)
     log = prepare_folder(config, layout, dataset)
     printer = printer or Printer(config.study.metric)
 
