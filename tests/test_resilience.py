@@ -794,3 +794,53 @@ def test_first_failures_stop_the_study(tmp_path: Path, monkeypatch: pytest.Monke
     trials = open_study(run.results).get_trials(deepcopy=False)
     assert 2 <= len(trials) < 10, [(t.number, t.state) for t in trials]
     assert all(t.state == TrialState.FAIL for t in trials), [(t.number, t.state) for t in trials]
+
+
+
+HELD_START = """
+import os, signal, sys, threading, time
+from joblib.externals.loky.backend.context import get_context
+from hpsearch.workers.supervisor import stop_signals_held
+import heldchild
+
+got = []
+signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+done = threading.Event()
+idle = threading.Thread(target=done.wait)  # started before the block: it does not block SIGINT
+idle.start()
+child = get_context("loky").Process(target=heldchild.report_mask, args=(sys.argv[1],))
+with stop_signals_held():
+    child.start()  # the first spawn also starts the resource trackers
+    os.kill(os.getpid(), signal.SIGINT)  # process-wide, as the terminal sends it
+    time.sleep(0.5)
+    print("during", got, flush=True)
+time.sleep(0.2)
+done.set()
+idle.join()
+child.join()
+print("after", got, flush=True)
+"""
+
+HELD_CHILD = """
+import signal
+
+def report_mask(path):
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with open(path, "w") as f:
+        f.write(" ".join(sorted(signal.Signals(s).name for s in blocked)))
+"""
+
+
+def test_ctrl_c_during_a_worker_start_is_neither_lost_nor_fatal(tmp_path: Path) -> None:
+    """The parent has other threads; a Ctrl-C while a worker starts reaches the run's handler
+    once the start is over, not in the middle of it, and the spawned child starts with both
+    stop signals blocked (Python 3.11's resource tracker used to unblock them on its start)."""
+    (tmp_path / "heldchild.py").write_text(HELD_CHILD)
+    mask_file = tmp_path / "mask.txt"
+    proc = subprocess.run([sys.executable, "-c", HELD_START, str(mask_file)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["during []", f"after [{int(signal.SIGINT)}]"], \
+        proc.stdout
+    assert mask_file.read_text().split() == ["SIGINT", "SIGTERM"]

@@ -40,6 +40,7 @@ from hpsearch.space import from_params
 from hpsearch.train import train_and_test
 from hpsearch.workers.slots import Slot
 from hpsearch.workers.supervisor import stop_signals_held
+from hpsearch.workers.worker import ignore_stop_signals
 
 SEED_BASE = 1_000_000  # far from trial seeds (train.seed + trial number)
 
@@ -192,12 +193,12 @@ def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
             here, there = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=_retrain_process, name=f"hpsearch-retrain-{slot.index}",
                                args=(there, slot.device, slot.threads, on_device[slot.device]))
-            # The parent decides what Ctrl-C means (it kills them): they start with it
-            # ignored, so none dies of it half started.
+            # The parent decides what Ctrl-C means (it kills them): none dies of it half
+            # started. Recorded first: a Ctrl-C held over the start is raised as it ends.
+            procs.append((proc, here))
             with stop_signals_held():
                 proc.start()
             there.close()
-            procs.append((proc, here))
             hand(here)
         while busy:
             for conn in mp_wait(list(busy)):
@@ -215,7 +216,9 @@ def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
     finally:
         for proc, conn in procs:
             conn.close()  # an idle process reads the end of its pipe and returns
-            if proc.is_alive() and proc.pid:
+            if proc.pid is None:
+                continue  # never started
+            if proc.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
             proc.join()
@@ -224,8 +227,7 @@ def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
 def _retrain_process(conn: Connection, device: str, threads: int, slots_on_device: int) -> None:
     """A retrain process: pin the device once, then run the jobs it is handed until the pipe
     closes."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
     _pin(device, threads)
     while True:
         try:

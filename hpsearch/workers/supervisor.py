@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -54,26 +55,40 @@ class _SlotState:
 
 
 @contextlib.contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """Start a worker that ignores Ctrl-C and SIGTERM from its first instruction.
+def stop_signals_held(spawn: bool = True) -> Iterator[None]:
+    """Start a child that cannot die of Ctrl-C or SIGTERM before it ignores them itself.
 
     The terminal sends Ctrl-C to the whole process group, and a worker still importing torch
-    would die of it with a traceback. An ignored disposition survives fork and exec (and a
-    Python started with SIGINT ignored installs no KeyboardInterrupt handler). The parent
-    blocks them meanwhile: Linux keeps a blocked signal pending even while it is ignored, so
-    one that arrives during the start reaches the parent's handler afterwards.
+    would die of it with a traceback. The starting thread blocks both signals, and a child
+    inherits that mask through fork and exec; the child ignores them before it unblocks them
+    (``ignore_stop_signals``), which also discards one that came meanwhile.
+
+    The parent keeps a handler installed the whole time. Ignoring them here instead would
+    lose a Ctrl-C: the kernel hands a process-wide signal to any thread that does not block
+    it (the progress or heartbeat thread), and an ignored signal is dropped there. A signal
+    that arrives now is recorded and raised again once the child is started, so the run's
+    own handler never runs in the middle of a start.
+
+    ``spawn``: the child is a fresh interpreter. Python 3.11's resource tracker, which a
+    spawn starts on first use, unblocks both signals when it launches (later Pythons restore
+    the mask): it is started before the block, so that the child still inherits it.
     """
+    if spawn:
+        resource_tracker.ensure_running()
+    deferred: list[int] = []
+    handlers: dict[int, Any] = {}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    handlers = {}
     try:
         if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+            handlers = {sig: signal.signal(sig, lambda signum, _frame: deferred.append(signum))
+                        for sig in STOP_SIGNALS}
         yield
     finally:
         for sig, handler in handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum in deferred:
+            signal.raise_signal(signum)
 
 
 def _exit_reason(code: int | None) -> str:
@@ -138,7 +153,7 @@ class Supervisor:
         # A forked child would print the parent's unflushed output a second time.
         sys.stdout.flush()
         sys.stderr.flush()
-        with stop_signals_held():
+        with stop_signals_held(spawn=not forked):
             proc.start()
         sender.close()
         st.process, st.outcome = proc, receiver

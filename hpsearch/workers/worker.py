@@ -232,17 +232,22 @@ def _first_failures(cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
     return True, True
 
 
+def ignore_stop_signals() -> None:
+    """First step of a child the parent started under ``stop_signals_held``: ignore Ctrl-C
+    and SIGTERM (dropping one that is pending), then unblock them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def worker_process(spec: WorkerSpec, outcome: Connection,
                    dataset: data_mod.Dataset | None = None) -> None:
     """Entry point of a worker process: run, then send the parent how it ended.
 
     The parent decides what Ctrl-C or a SIGTERM to the process group means; a worker only
-    stops at the parent's request (or is killed outright). It starts with both ignored (and,
-    when forked, blocked), see ``stop_signals_held``.
+    stops at the parent's request (or is killed outright).
     """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    ignore_stop_signals()
     try:
         summary = worker_main(spec, dataset)
         result: tuple[Any, ...] = (
