@@ -159,8 +159,10 @@ class StudySection(_Strict):
     """Parameter sets evaluated first (once per study)."""
     min_trials_per_architecture: int = Field(4, ge=0)
     """Trials each architecture gets before the sampler allocates freely (taken round-robin
-    by the first trials); also the finished trials of its own an architecture needs before
-    its trials can be pruned."""
+    by the first trials)."""
+    min_trials_to_prune: int = Field(2, ge=1)
+    """Finished trials (complete or pruned) of its own an architecture needs before its
+    trials can be pruned (with ``prune_within_architecture``)."""
     prune_within_architecture: bool = True
     """Prune a trial only by comparison with trials of its own architecture."""
     max_retries: int = Field(2, ge=0)

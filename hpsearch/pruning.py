@@ -64,4 +64,4 @@ def build_study_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     if (not study.prune_within_architecture or len(config.model.architecture) < 2
             or study.pruner.name in PEERLESS):
         return inner
-    return WithinArchitecture(inner, min_peers=study.min_trials_per_architecture)
+    return WithinArchitecture(inner, min_peers=study.min_trials_to_prune)

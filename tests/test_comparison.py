@@ -68,7 +68,11 @@ def test_an_architecture_runs_unpruned_until_it_has_peers_of_its_own() -> None:
 
 def test_within_architecture_is_the_default_and_can_be_turned_off() -> None:
     raw = tiny(study={"pruner": {"name": "hyperband", "min_resource": 1}})
-    assert isinstance(build_study_pruner(parse_config(raw, "s.yaml")), WithinArchitecture)
+    pruner = build_study_pruner(parse_config(raw, "s.yaml"))
+    # Pruning starts before the exploration minimum is reached: two peers make a comparison.
+    assert isinstance(pruner, WithinArchitecture) and pruner.min_peers == 2
+    raw["study"]["min_trials_to_prune"] = 3
+    assert build_study_pruner(parse_config(raw, "s.yaml")).min_peers == 3  # type: ignore[attr-defined]
     raw["study"]["prune_within_architecture"] = False
     assert isinstance(build_study_pruner(parse_config(raw, "s.yaml")),
                       optuna.pruners.HyperbandPruner)

@@ -416,7 +416,8 @@ def _starved_study() -> optuna.Study:
 def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Path) -> None:
     study = _starved_study()
     data = compute(
-        study, min_trials=4, prune_within_architecture=True, results_dir="results/starved",
+        study, min_trials=4, prune_within_architecture=True, min_trials_to_prune=2,
+        results_dir="results/starved",
         seed_metrics={"cnn": [0.90, 0.91, 0.92], "mlp": [0.84, 0.85, 0.86],
                       "resnet": [0.95, 0.96, 0.97]},
     )
@@ -455,7 +456,9 @@ def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Pat
     assert "**More trials needed:** Under-explored, so not judged: resnet" in markdown
     assert f"```sh\n{exploration.command}\n```" in markdown
     assert "Minimum trials per architecture (study.min_trials_per_architecture): 4." in markdown
-    assert "Pruning within architecture (study.prune_within_architecture): on" in markdown
+    assert ("Pruning within architecture (study.prune_within_architecture): on: a trial is "
+            "pruned only by comparison with trials of its own architecture, once that "
+            "architecture has 2 finished trials (study.min_trials_to_prune)") in markdown
     assert "Under-explored: an architecture with fewer than 4 finished" in markdown
 
     page = paths["html"].read_text(encoding="utf-8")

@@ -54,5 +54,6 @@ def build_report(
         results_dir=layout.root,
         min_trials=config.study.min_trials_per_architecture,
         prune_within_architecture=config.study.prune_within_architecture,
+        min_trials_to_prune=config.study.min_trials_to_prune,
     )
     return write_report(data, study, layout)

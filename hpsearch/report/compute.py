@@ -84,6 +84,7 @@ def compute_report(
     now: datetime | None = None,
     min_trials: int = 0,
     prune_within_architecture: bool | None = None,
+    min_trials_to_prune: int | None = None,
 ) -> ReportData:
     """Turn a study into report data; reads the study, writes nothing.
 
@@ -104,6 +105,8 @@ def compute_report(
             (complete or pruned) trials is under-explored.
         prune_within_architecture: ``study.prune_within_architecture``, for the method notes;
             None when unknown.
+        min_trials_to_prune: ``study.min_trials_to_prune``, for the method notes; None when
+            unknown.
 
     Returns:
         The report data.
@@ -150,7 +153,8 @@ def compute_report(
         gap=gap,
         verdict=_verdict(architectures, gap, winner, metric),
         exploration=_exploration(
-            architectures, min_trials, prune_within_architecture, counted(trials),
+            architectures, min_trials, prune_within_architecture, min_trials_to_prune,
+            counted(trials),
             results_folder,
         ),
         trials=tuple(_trial_row(t, retired) for t in trials),
@@ -410,6 +414,7 @@ def _exploration(
     architectures: Sequence[ArchitectureSummary],
     min_trials: int,
     prune_within_architecture: bool | None,
+    min_trials_to_prune: int | None,
     counted_trials: int,
     results_folder: str | None,
 ) -> Exploration:
@@ -419,7 +424,8 @@ def _exploration(
         if not a.explored and a.architecture != UNKNOWN_ARCHITECTURE
     ]
     if not under:
-        return Exploration(min_trials, prune_within_architecture, (), 0, None, None, None)
+        return Exploration(min_trials, prune_within_architecture, min_trials_to_prune, (), 0,
+                           None, None, None)
     # At least one more each: one still improving when pruned has enough trials but needs one.
     to_add = sum(max(min_trials - a.counts.finished, 1) for a in under)
     n_trials = counted_trials + to_add
@@ -436,6 +442,7 @@ def _exploration(
     return Exploration(
         min_trials=min_trials,
         prune_within_architecture=prune_within_architecture,
+        min_trials_to_prune=min_trials_to_prune,
         under_explored=tuple(a.architecture for a in under),
         trials_to_add=to_add,
         n_trials=n_trials,

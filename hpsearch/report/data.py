@@ -144,6 +144,8 @@ class Exploration(NamedTuple):
     """``study.min_trials_per_architecture``: finished trials an architecture needs."""
     prune_within_architecture: bool | None
     """``study.prune_within_architecture``; None when unknown."""
+    min_trials_to_prune: int | None
+    """``study.min_trials_to_prune``; None when unknown."""
     under_explored: tuple[str, ...]
     """Architectures the verdict does not judge, in table order."""
     trials_to_add: int

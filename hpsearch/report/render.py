@@ -194,8 +194,11 @@ def seed_table(data: ReportData) -> Table:
 
 def _method_notes(data: ReportData) -> list[str]:
     within = data.exploration.prune_within_architecture
+    gate = data.exploration.min_trials_to_prune
     pruning = {
-        True: "on: a trial is pruned only by comparison with trials of its own architecture",
+        True: "on: a trial is pruned only by comparison with trials of its own architecture"
+        + (f", once that architecture has {gate} finished trials "
+           "(study.min_trials_to_prune)" if gate is not None else ""),
         False: "off: a trial is pruned by comparison with trials of every architecture, so a "
         "slow starter can be cut against faster ones",
         None: "unknown (not given to the report)",
