@@ -38,6 +38,9 @@ LOSS_PARAM_PREFIX = "loss."
 """Searchable ``train.loss`` arguments are the Optuna parameters ``loss.<argument>``."""
 # Train keys that may hold a search distribution instead of a literal.
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "optimizer", "momentum")
+OBJECTIVE_IGNORES = ("lr_scheduler", "metrics", "loss", "precision", "grad_clip_norm",
+                     "accumulate_grad_batches", "compile", "step")
+"""``train`` keys of the built-in loop, which a study with an ``objective`` may not set."""
 
 
 class _Strict(BaseModel):
@@ -354,6 +357,11 @@ class TrainSection(_Strict):
     """Optimizer step every this many batches (and at the end of every epoch)."""
     compile: bool = False
     """Train and evaluate through ``torch.compile(model)``."""
+    step: str | None = None
+    """"package.module:function" called as step(model, batch) for every training and
+    validation batch, of any structure; returns the mean loss (a 0-dim tensor) or a dict with
+    outputs, targets and optionally loss (see hpsearch.step). Default: the built-in
+    ``train.loss(model(inputs), targets)`` on (inputs, targets) batches."""
     seed: int = 0
     """Base seed; each trial trains with seed + trial number."""
     on_nonfinite: Literal["fail", "prune"] = "fail"
@@ -396,6 +404,13 @@ class TrainSection(_Strict):
             if name in seen:
                 raise _KeyError(str(i), f"{entry!r} computes {name!r}, as {seen[name]!r} does")
             seen[name] = entry
+        return v
+
+    @field_validator("step")
+    @classmethod
+    def _step(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_reference(v)
         return v
 
     @model_validator(mode="after")
@@ -607,6 +622,30 @@ class StudyConfig(_Strict):
                 raise _KeyError(str(i), str(err)) from None
         return v
 
+    objective: str | None = None
+    """``"package.module:function"``: the user's own training loop, called as fn(ctx) for each
+    trial instead of the built-in one (see hpsearch.objective); null: the built-in loop."""
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_reference(v)
+        return v
+
+    @model_validator(mode="after")
+    def _objective_owns_training(self) -> StudyConfig:
+        # Keys of the built-in loop: set next to an objective, they would silently do nothing.
+        # Compared with the defaults, not the keys given: a saved copy of the study has all.
+        if self.objective is not None:
+            fields = TrainSection.model_fields
+            for key in OBJECTIVE_IGNORES:
+                if key in fields and getattr(self.train, key) != fields[key].get_default(
+                        call_default_factory=True):
+                    raise _KeyError(f"train.{key}", "has no effect with `objective:` (the "
+                                    "objective trains the model its own way); remove it")
+        return self
+
     @model_validator(mode="after")
     def _defaults_and_enqueue(self) -> StudyConfig:
         task = datasets.TASKS.get(self.data.name)
@@ -658,6 +697,12 @@ class StudyConfig(_Strict):
     def minimize(self) -> bool:
         return self.study.direction == "minimize"
 
+    @property
+    def monitor(self) -> str:
+        """The metric checkpoints and early stopping follow (``checkpoint.monitor``, by
+        default the study metric)."""
+        return self.checkpoint.monitor or self.study.metric
+
     def as_study_dict(self) -> dict[str, Any]:
         """JSON-safe, in the study file's own shape: ``parse_config`` reads it back."""
         raw = self.model_dump(mode="json")
@@ -683,6 +728,8 @@ def task_problem(config: StudyConfig, task: str) -> tuple[str, str] | None:
     Checked when the study is read for a built-in dataset, and at the start of a run for the
     user's data (whose task is known only then).
     """
+    if config.objective is not None:
+        return None  # the objective computes and names its own metrics
     for i, entry in enumerate(config.train.metrics or ()):
         try:
             metrics.check_entry(entry, task)

@@ -4,15 +4,18 @@ Generated data (MNIST-1D) is produced once per study by the parent and cached on
 map the cache into memory (shared by every process on the host) and reuse it across trials.
 Training and validation splits that fit the worker's share of its device live there and are
 batched by slicing one permutation per epoch; the test split stays on the host. A user factory
-may instead return ``torch.utils.data.Dataset`` objects, which stream through one persistent
-DataLoader per split.
+may instead return ``torch.utils.data.Dataset`` objects (and the ``collate_fn`` that makes their
+batches), which stream through one persistent DataLoader per split. The built-in loop trains on
+``(inputs, targets)`` batches; batches of any other structure (dicts, several inputs) need a
+``train.step`` (:mod:`hpsearch.step`), which gets them whole, moved to the device by
+:func:`batch_to`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +41,8 @@ class Dataset:
     output_size: int
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     streams: dict[str, TorchDataset] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    """The streams' batch maker (the factory's ``collate_fn``; None: torch's default)."""
 
     def metric_names(self) -> list[str]:
         return list(metrics.BASE_METRICS[self.task])
@@ -105,12 +110,24 @@ def build(cfg: DataSection) -> Dataset:
     return Dataset(task, tuple(x.shape[1:]), output_size, splits=splits)
 
 
+STREAMING_KEYS = ("train", "val", "test", "task", "input_shape", "output_size", "collate_fn")
+"""What a factory returning torch Datasets returns (``collate_fn`` optional)."""
+
+
 def _streaming(raw: dict[str, Any]) -> Dataset:
-    missing = {"val", "test", "task", "input_shape", "output_size"} - set(raw)
+    missing = set(STREAMING_KEYS) - {"collate_fn"} - set(raw)
     if missing:
         raise ValueError(f"a streaming data factory must also return {sorted(missing)}")
+    unknown = set(raw) - set(STREAMING_KEYS)
+    if unknown:
+        raise ValueError(f"a streaming data factory returned unknown key(s) {sorted(unknown)} "
+                         f"(valid: {', '.join(STREAMING_KEYS)})")
+    collate = raw.get("collate_fn")
+    if collate is not None and not callable(collate):
+        raise ValueError(f"'collate_fn' must be a function, not {type(collate).__name__}")
     streams = {name: raw[name] for name in SPLITS}
-    return Dataset(raw["task"], tuple(raw["input_shape"]), int(raw["output_size"]), streams=streams)
+    return Dataset(raw["task"], tuple(raw["input_shape"]), int(raw["output_size"]), streams=streams,
+                   collate_fn=collate)
 
 
 # ---------------------------------------------------------------- per-study cache
@@ -157,6 +174,7 @@ class DeviceBatches:
                  num_workers: int = 0) -> None:
         self.device = device
         self.num_workers = num_workers
+        self.collate_fn = ds.collate_fn
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.stream: TorchDataset | None = None
         self._loader: DataLoader | None = None
@@ -190,8 +208,23 @@ class DeviceBatches:
                 yield x[start : start + batch_size], y[start : start + batch_size]
             return
         pin = self.device.type == "cuda"
-        for xb, yb in self.loader(batch_size, generator):
+        for batch in self.loader(batch_size, generator):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    f"the built-in loop trains on (inputs, targets) batches; this data gives "
+                    f"{describe_batch(batch)}: set train.step to a function of (model, batch)")
+            xb, yb = batch
             yield xb.to(self.device, non_blocking=pin), yb.to(self.device, non_blocking=pin)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Any]:
+        """Yield whole batches on the device, of whatever structure the data has (for
+        ``train.step``): ``(x, y)`` tensor pairs for in-memory data, else the collated batch."""
+        if self.tensors is not None:
+            yield from self.iterate(batch_size, generator)
+            return
+        pin = self.device.type == "cuda"
+        for batch in self.loader(batch_size, generator):
+            yield batch_to(batch, self.device, non_blocking=pin)
 
     def loader(self, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
         """The split's DataLoader, built once: its worker processes (``data.num_workers``)
@@ -206,6 +239,7 @@ class DeviceBatches:
                 generator=generator,
                 pin_memory=self.device.type == "cuda",
                 num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
                 persistent_workers=self.num_workers > 0,
             )
             self._loader_key = key
@@ -216,6 +250,56 @@ class DeviceBatches:
         self._loader = self._loader_key = None
 
 
+def batch_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``batch`` with every tensor in it on ``device``: tensors, mappings (as dicts), lists,
+    tuples (named ones too) and objects with a ``to(device)`` method, nested; anything else
+    (strings, numbers) as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: batch_to(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(batch_to(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(v, device, non_blocking) for v in batch)
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, (list, tuple)) else ())
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def samples_in(batch: Any) -> int:
+    """The number of samples in a batch of any structure: the first dimension of its first
+    tensor (depth first, in order)."""
+    first = _first_tensor(batch)
+    if first is None:
+        raise TypeError(f"cannot count the samples of a batch without tensors: "
+                        f"{describe_batch(batch)}")
+    return len(first) if first.dim() else 1
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch's structure for error messages."""
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
 def to_device(ds: Dataset, device: torch.device) -> Dataset:
     """The training and validation splits moved to ``device`` once, for every trial a worker
     runs; the test split, which trials never read, stays on the host."""
@@ -223,7 +307,8 @@ def to_device(ds: Dataset, device: torch.device) -> Dataset:
         return ds
     splits = {k: (x, y) if k == "test" else (x.to(device), y.to(device))
               for k, (x, y) in ds.splits.items()}
-    return Dataset(ds.task, ds.input_shape, ds.output_size, splits=splits, streams=ds.streams)
+    return Dataset(ds.task, ds.input_shape, ds.output_size, splits=splits, streams=ds.streams,
+                   collate_fn=ds.collate_fn)
 
 
 DEVICE_DATA_SHARE = 0.5

@@ -12,11 +12,14 @@ A user metric (``train.metrics: ["package.module:function"]``) is called once pe
 (classification: logits of shape ``(N, classes)``; regression: ``(N, outputs)``) and the
 targets (class indices of shape ``(N,)``; regression values of shape ``(N, outputs)``). It
 returns a number (a float or a 0-dim tensor).
+
+With ``train.step`` the outputs, the targets and the loss of each batch come from the user's
+step (:mod:`hpsearch.step`), for batches of any structure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ from hpsearch import metrics, user_code
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceBatches
 from hpsearch.losses import Loss, build_loss
+from hpsearch.step import Step
 
 EVAL_BATCH = 4096
 SUMMED = ("loss", "acc", "mse", "mae")
@@ -33,13 +37,15 @@ SUMMED = ("loss", "acc", "mse", "mae")
 
 
 class Evaluator:
-    """The loss and metrics of one study (``train.loss``, ``train.metrics``) on a task."""
+    """The loss and metrics of one study (``train.loss``, ``train.metrics``, ``train.step``)
+    on a task."""
 
     def __init__(self, task: str, entries: Sequence[str] | None = None,
-                 loss: Loss | None = None) -> None:
+                 loss: Loss | None = None, step: str | None = None) -> None:
         self.task = task
         self.names = metrics.computed(task, entries)
         self.loss = loss or build_loss(None, {}, task)
+        self.step = Step(step, self.loss) if step else None
         self.user: dict[str, Callable[..., Any]] = {
             metrics.base_name(e): user_code.resolve(e)
             for e in entries or () if metrics.is_user_metric(e)
@@ -56,9 +62,8 @@ class Evaluator:
         targets: list[torch.Tensor] = []
         n = 0
         try:
-            for xb, yb in batches.iterate(EVAL_BATCH):
-                out = model(xb).float()
-                for name, v in self._sums(out, yb).items():
+            for out, yb, loss_sum in self._outputs(model, batches):
+                for name, v in self._sums(out, yb, loss_sum).items():
                     totals[name] = totals.get(name, 0) + v.double()
                 if self.gathered:
                     outputs.append(out)
@@ -75,8 +80,19 @@ class Evaluator:
                 result[name] = self._gathered(name, out, y)
         return {name: result[name] for name in self.names}
 
-    def _sums(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = {"loss": self.loss.total(out, y)}
+    def _outputs(self, model: nn.Module, batches: DeviceBatches
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Each batch's float32 outputs, targets, and its summed loss where a step gave it."""
+        if self.step is None:
+            for xb, yb in batches.iterate(EVAL_BATCH):
+                yield model(xb).float(), yb, None
+            return
+        for batch in batches.batches(EVAL_BATCH):
+            yield self.step.evaluate(model, batch)
+
+    def _sums(self, out: torch.Tensor, y: torch.Tensor,
+              loss_sum: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        parts = {"loss": self.loss.total(out, y) if loss_sum is None else loss_sum}
         if "acc" in self.names:
             parts["acc"] = (out.argmax(1) == y).sum()
         dims = tuple(range(1, out.dim()))
@@ -130,8 +146,9 @@ def evaluate(model: nn.Module, batches: DeviceBatches, task: str,
 
 def study_evaluator(config: StudyConfig, task: str,
                     loss_arguments: dict[str, Any] | None = None) -> Evaluator:
-    """The evaluator of a study's ``train.metrics`` and ``train.loss`` (with one trial's
-    sampled loss arguments), as its trials validate and the report tests."""
+    """The evaluator of a study's ``train.metrics``, ``train.loss`` (with one trial's
+    sampled loss arguments) and ``train.step``, as its trials validate and the report tests."""
     loss = config.train.loss
     return Evaluator(task, config.train.metrics,
-                     build_loss(loss.name if loss else None, loss_arguments or {}, task))
+                     build_loss(loss.name if loss else None, loss_arguments or {}, task),
+                     config.train.step)

@@ -16,6 +16,7 @@ pending gradient accumulation is always stepped at the end of an epoch, so the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import optuna
@@ -44,7 +45,7 @@ from hpsearch.models import build_model, count_parameters
 from hpsearch.optim import build_optimizer, build_schedule
 from hpsearch.optuna_private import frozen
 from hpsearch.ranking import improves
-from hpsearch.results import MANIFEST, RESUME_STATE, ResultsLayout
+from hpsearch.results import RESUME_STATE, ResultsLayout
 from hpsearch.space import TrialParams
 from hpsearch.version import __version__
 
@@ -69,6 +70,13 @@ class Tracker:
     best: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
+
+    @classmethod
+    def of(cls, config: StudyConfig) -> Tracker:
+        """A study's tracker: its monitor's mode and ``train.early_stopping``."""
+        es = config.train.early_stopping
+        return cls(str(config.checkpoint.mode), es.min_delta if es else 0.0,
+                   es.patience if es else None)
 
     def update(self, value: float, epoch: int) -> bool:
         if improves(value, self.best, self.mode, self.min_delta if self.best is not None else 0):
@@ -146,24 +154,12 @@ class Trainer:
         if train.precision == "16" and self.device.type != "cuda":
             raise ConfigError("", "train.precision", f"16 (float16 with a GradScaler) needs a "
                               f"CUDA device, not {self.device}; use bf16 on the CPU")
-        self.model = build_model(
-            self.params.architecture,
-            self.params.model,
-            self.dataset.input_shape,
-            self.dataset.output_size,
-            cfg.model.architecture[self.params.architecture].factory,
-        )
-        if cfg.model.init_from:
-            load_initial_weights(self.model, cfg.model.init_from)
-        self.model.to(self.device)
+        self.model = trial_model(cfg, self.params, self.dataset).to(self.device)
         # The weights, the state dicts and the checkpoints stay the plain module's.
         self.forward: nn.Module = torch.compile(self.model) if train.compile else self.model
         self.optimizer = build_optimizer(self.model, self.params.train)
-        self.monitor, self.mode = cfg.checkpoint.monitor or cfg.study.metric, cfg.checkpoint.mode
-        es = train.early_stopping
-        self.tracker = Tracker(
-            self.mode, es.min_delta if es else 0.0, es.patience if es else None
-        )
+        self.monitor, self.mode = cfg.monitor, cfg.checkpoint.mode
+        self.tracker = Tracker.of(cfg)
         self.generator = torch.Generator().manual_seed(self.seed)
         workers = cfg.data.num_workers
         self.train_batches = DeviceBatches(self.dataset, "train", self.device, self.in_memory,
@@ -172,6 +168,7 @@ class Trainer:
                                          num_workers=workers)
         self.evaluator = study_evaluator(cfg, self.dataset.task, self.params.loss)
         self.loss_fn = self.evaluator.loss
+        self.step = self.evaluator.step
         self.batch_size = int(self.params.train["batch_size"])
         self.accumulate = train.accumulate_grad_batches
         self.batches_per_epoch = math.ceil(len(self.train_batches) / self.batch_size)
@@ -185,11 +182,15 @@ class Trainer:
         self.clip = train.grad_clip_norm
         self.start_epoch = 0
 
-    def _forward_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            return self.loss_fn(self.forward(xb), yb)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.loss_fn(self.forward(xb), yb)
+    def _batch_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
+        """The built-in forward and loss of an ``(inputs, targets)`` batch, and its samples."""
+        xb, yb = batch
+        return self.loss_fn(self.forward(xb), yb), len(yb)
+
+    def _step_loss(self, batch: Any) -> tuple[torch.Tensor, int]:
+        """``train.step``'s loss of a batch of any structure, and its samples."""
+        assert self.step is not None
+        return self.step.train_loss(self.forward, batch)
 
     def _optimizer_step(self) -> None:
         clip = self.clip
@@ -208,15 +209,22 @@ class Trainer:
 
     def train_epoch(self) -> float:
         opt, accumulate, n_batches = self.optimizer, self.accumulate, self.batches_per_epoch
+        # Chosen once per epoch: without train.step, (x, y) batches and the built-in loss.
+        if self.step is None:
+            batches, batch_loss = self.train_batches.iterate, self._batch_loss
+        else:
+            batches, batch_loss = self.train_batches.batches, self._step_loss
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
         self.forward.train()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         n = 0
         last_check = time.monotonic()
-        for i, (xb, yb) in enumerate(self.train_batches.iterate(self.batch_size,
-                                                                self.generator)):
+        for i, batch in enumerate(batches(self.batch_size, self.generator)):
             if i % accumulate == 0:
                 opt.zero_grad(set_to_none=True)
-            loss = self._forward_loss(xb, yb)
+            with autocast:
+                loss, samples = batch_loss(batch)
             scaled = loss
             if accumulate > 1:
                 # Each step averages over its batches (the epoch's last group may be shorter).
@@ -224,8 +232,8 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             if (i + 1) % accumulate == 0 or i + 1 == n_batches:
                 self._optimizer_step()
-            total += loss.detach().double() * len(yb)
-            n += len(yb)
+            total += loss.detach().double() * samples
+            n += samples
             # A stop request is honoured within about a second, even in a long epoch.
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
@@ -264,17 +272,6 @@ class Trainer:
         """End of an epoch: an epoch-wise schedule steps (plateau with the monitored value)."""
         if self.schedule is not None:
             self.schedule.after_epoch(value)
-
-    def model_meta(self) -> dict[str, Any]:
-        """JSON-safe metadata that rebuilds the model without the study file."""
-        return {
-            "architecture": self.params.architecture,
-            "factory": self.config.model.architecture[self.params.architecture].factory,
-            "params": dict(self.params.model),
-            "input_shape": list(self.dataset.input_shape),
-            "output_size": self.dataset.output_size,
-            "task": self.dataset.task,
-        }
 
     def resume_state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -334,11 +331,69 @@ class TrialEnv:
     on_checkpoint_kept: Callable[[optuna.Trial, Path], None] | None = None
 
 
+class Training(Protocol):
+    """What a trial trains, as its book-keeping (:class:`TrialRun`) sees it.
+
+    Two kinds satisfy it: the built-in :class:`Trainer`, and the state of a user's own
+    training loop (``objective:``, :mod:`hpsearch.objective`).
+    """
+
+    model: nn.Module
+    """The plain module whose weights are checkpointed."""
+    tracker: Tracker
+    history: list[dict[str, float]]
+    seconds: float
+    start_epoch: int
+    """The first epoch still to train (after a resume, the one after the resumed state's)."""
+    monitor: str
+    mode: str
+
+    def resume_state(self, epoch: int) -> dict[str, Any]:
+        """Everything ``last.pt`` holds after ``epoch``, weights included."""
+        ...
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Continue from a ``last.pt``: tracker, history, seconds and ``start_epoch`` at
+        least."""
+        ...
+
+    def step_scheduler(self, value: float) -> None:
+        """End of an epoch whose monitored value is ``value``."""
+        ...
+
+    def close(self) -> None:
+        """The trial is over (ended, failed or interrupted)."""
+        ...
+
+
 def checkpoint_name(config: StudyConfig, epoch: int, value: float, trial: int) -> str:
-    monitor = config.checkpoint.monitor or config.study.metric
+    monitor = config.monitor
     return config.checkpoint.filename.format(
         epoch=epoch, monitor=monitor, value=value, trial=trial
     )
+
+
+def model_meta(config: StudyConfig, params: TrialParams, dataset: Dataset) -> dict[str, Any]:
+    """JSON-safe metadata that rebuilds a trial's model without the study file (what
+    ``load_model`` reads back)."""
+    return {
+        "architecture": params.architecture,
+        "factory": config.model.architecture[params.architecture].factory,
+        "params": dict(params.model),
+        "input_shape": list(dataset.input_shape),
+        "output_size": dataset.output_size,
+        "task": dataset.task,
+    }
+
+
+def trial_model(config: StudyConfig, params: TrialParams, dataset: Dataset) -> nn.Module:
+    """A trial's model: its architecture's factory (or built-in) for the sampled parameters
+    and the data's shape, with ``model.init_from``'s weights where they fit."""
+    model = build_model(params.architecture, params.model, dataset.input_shape,
+                        dataset.output_size, config.model.architecture[params.architecture].factory)
+    if config.model.init_from:
+        load_initial_weights(model, config.model.init_from)
+    return model
 
 
 def resume_chain(trial: optuna.Trial) -> list[int]:
@@ -358,34 +413,50 @@ def run_trial(trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> float:
         NonFiniteError: The loss or the monitored metric became NaN or inf.
         Interrupted: The run is stopping; ``last.pt`` holds the state to resume from.
     """
-    return _TrialRun(trial, params, env).train()
+    cfg = env.config
+    trainer = Trainer(cfg, params, env.dataset, env.device, seed=cfg.train.seed + trial.number,
+                      in_memory=env.in_memory, should_stop=env.should_stop)
+    run = TrialRun(trial, params, env, trainer)
+    return run.train(partial(_epochs, run, trainer))
 
 
-class _TrialRun:
-    """The steps of one trial: set up (or resume), train epoch by epoch, finish."""
+def _epochs(run: TrialRun, trainer: Trainer) -> None:
+    """The built-in loop: train and validate each epoch, and hand it to the book-keeping."""
+    for epoch in range(trainer.start_epoch, run.cfg.train.max_epochs):
+        if not run.epoch_ended(epoch, trainer.run_epoch(epoch)):
+            break
 
-    def __init__(self, trial: optuna.Trial, params: TrialParams, env: TrialEnv) -> None:
+
+class TrialRun:
+    """The book-keeping of one Optuna trial, whoever trains it: set up (or resume), then per
+    epoch report, prune, track the best, keep its checkpoint and the resume state, and finish.
+
+    The training itself is a loop handed to :meth:`train`, which calls :meth:`epoch_ended`
+    after each epoch: the built-in loop (:func:`run_trial`) or the user's own objective
+    (``ctx.report`` of :mod:`hpsearch.objective`).
+    """
+
+    def __init__(self, trial: optuna.Trial, params: TrialParams, env: TrialEnv,
+                 training: Training) -> None:
         cfg = env.config
         self.trial, self.env, self.cfg = trial, env, cfg
+        self.training = training
         self.folder = env.layout.trial(trial.number)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.trainer = Trainer(cfg, params, env.dataset, env.device,
-                               seed=cfg.train.seed + trial.number, in_memory=env.in_memory,
-                               should_stop=env.should_stop)
-        self.files = TrialFiles(self.folder, self.trainer.monitor, self.trainer.mode,
+        self.files = TrialFiles(self.folder, training.monitor, training.mode,
                                 cfg.checkpoint.keep_top_k)
         trial.set_user_attr(attrs.ARCHITECTURE, params.architecture)
-        trial.set_user_attr(attrs.N_PARAMS, count_parameters(self.trainer.model))
+        trial.set_user_attr(attrs.N_PARAMS, count_parameters(training.model))
         chain = resume_chain(trial)
         if chain:
-            _resume(trial, self.trainer, self.files, chain, env)
+            _resume(trial, training, self.files, chain, env)
         self.base = {
             "format_version": FORMAT_VERSION,
             "hpsearch_version": __version__,
-            "model": self.trainer.model_meta(),
+            "model": model_meta(cfg, params, env.dataset),
             "params": params.flat(),
-            "monitor": self.trainer.monitor,
-            "mode": self.trainer.mode,
+            "monitor": training.monitor,
+            "mode": training.mode,
             "metric": cfg.study.metric,
             "trial": trial.number,
             "study": cfg.study.name,
@@ -397,7 +468,7 @@ class _TrialRun:
                             if cfg.logging.tensorboard else None)
         if self.tensorboard is not None:
             # A resumed trial's curves start where its predecessor's did.
-            for rec in self.trainer.history:
+            for rec in training.history:
                 self.tensorboard.epoch(rec)
         self.writer = BackgroundWriter()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -405,10 +476,11 @@ class _TrialRun:
         # every resume_min_seconds, so a crash retrains at most that much.
         self.last_resume_write = time.monotonic()
 
-    def train(self) -> float:
-        """Train, finish, and tell the callbacks how the trial ended."""
+    def train(self, loop: Callable[[], None]) -> float:
+        """Run ``loop`` (which calls :meth:`epoch_ended` after each epoch), finish, and tell
+        the callbacks how the trial ended. Returns the trial's best-epoch value."""
         try:
-            value = self._train()
+            value = self._train(loop)
         except Interrupted:
             raise  # not an end: the trial resumes
         except optuna.TrialPruned:
@@ -424,7 +496,7 @@ class _TrialRun:
         return value
 
     def _end(self, state: str, value: float | None) -> None:
-        history = self.trainer.history
+        history = self.training.history
         last = history[-1] if history else {}
         self.callbacks(TrialEvent(
             "trial_end", self.trial.number, int(last["epoch"]) if last else None,
@@ -438,36 +510,49 @@ class _TrialRun:
                                       "RUNNING", record[self.cfg.study.metric],
                                       self.params.flat()))
 
-    def _train(self) -> float:
+    def _train(self, loop: Callable[[], None]) -> float:
         try:
-            for epoch in range(self.trainer.start_epoch, self.cfg.train.max_epochs):
-                record, value = self._validated_epoch(epoch)
-                stopping = self._keep(epoch, record, value)
-                self.env.on_epoch(self.trial.number, epoch, record)
-                self._epoch_event(epoch, record)
-                if self.trial.should_prune():
-                    self.writer.flush()
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-                if self.trainer.tracker.should_stop:
-                    self.env.log(f"early stopping at epoch {epoch}: no improvement in "
-                                 f"{self.trainer.tracker.bad_epochs} epochs")
-                    break
-                if stopping:
-                    self.writer.flush()
-                    raise Interrupted()
+            loop()
             self.writer.flush()
         finally:
             self.writer.close()
-            self.trainer.close()
+            self.training.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-            _record(self.trial, self.trainer, self.files, self.env)
+            _record(self.trial, self.training, self.files, self.env)
         return self._finish()
 
-    def _validated_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
-        """Train and validate one epoch, log it, refuse non-finite values, report it."""
-        record = self.trainer.run_epoch(epoch)
-        monitor = self.trainer.monitor
+    def epoch_ended(self, epoch: int, record: dict[str, float]) -> bool:
+        """Book-keep an epoch the training appended to its history as ``record``.
+
+        Returns:
+            Whether to train on: False once early stopping ends the trial.
+
+        Raises:
+            optuna.TrialPruned: The pruner stopped the trial.
+            Interrupted: The run is stopping; the resume state of this epoch was written.
+            NonFiniteError: The loss or the monitored value is NaN or inf.
+        """
+        value = self._validated(epoch, record)
+        stopping = self._keep(epoch, record, value)
+        self.env.on_epoch(self.trial.number, epoch, record)
+        self._epoch_event(epoch, record)
+        if self.trial.should_prune():
+            self.writer.flush()
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        tracker = self.training.tracker
+        if tracker.should_stop:
+            self.env.log(f"early stopping at epoch {epoch}: no improvement in "
+                         f"{tracker.bad_epochs} epochs")
+            return False
+        if stopping:
+            self.writer.flush()
+            raise Interrupted()
+        return True
+
+    def _validated(self, epoch: int, record: dict[str, float]) -> float:
+        """Log the epoch, refuse non-finite values, report it; returns the monitored value."""
+        monitor = self.training.monitor
         value = record.get(monitor)
         if value is None:
             raise KeyError(
@@ -476,23 +561,25 @@ class _TrialRun:
             )
         self.env.log(f"epoch {epoch}: "
                      + " ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch"))
-        if not (math.isfinite(record["train_loss"]) and math.isfinite(value)):
+        # A user's objective may report no train_loss.
+        if not (math.isfinite(record.get("train_loss", 0.0)) and math.isfinite(value)):
             reason = (f"non-finite value at epoch {epoch}: "
-                      f"train_loss={record['train_loss']}, {monitor}={value}")
+                      + ", ".join(f"{k}={record[k]}" for k in ("train_loss", monitor)
+                                  if k in record))
             if self.cfg.train.on_nonfinite == "prune":
                 self.trial.set_user_attr(attrs.PRUNE_REASON, reason)
                 raise optuna.TrialPruned(reason)
             raise NonFiniteError(reason)
         self.trial.report(record[self.cfg.study.metric], epoch)
-        return record, value
+        return value
 
     def _keep(self, epoch: int, record: dict[str, float], value: float) -> bool:
         """Track the best, queue the epoch's files and resume state, step the scheduler.
 
         Returns whether the run is stopping (the resume state was then written regardless).
         """
-        cfg, trainer = self.cfg, self.trainer
-        improved = trainer.tracker.update(value, epoch)
+        cfg, training = self.cfg, self.training
+        improved = training.tracker.update(value, epoch)
         due = _files_due(cfg, epoch, value, self.trial.number, improved)
         stopping = self.env.should_stop()
         resume_due = stopping or (
@@ -502,17 +589,17 @@ class _TrialRun:
         # One CPU copy of the weights per epoch serves every file written for it.
         weights = None
         if improved or due or resume_due:
-            weights = snapshot(trainer.model.state_dict())
+            weights = snapshot(training.model.state_dict())
         if improved:
             self.best_state = weights
         meta = {**self.base, "epoch": epoch, "value": value, "metrics": record}
         jobs: list[Callable[[], None]] = []
         for kind, name in due:
-            obj = {**meta, "history": list(trainer.history), "model_state_dict": weights}
+            obj = {**meta, "history": list(training.history), "model_state_dict": weights}
             jobs.append(partial(self.files.save, name, obj, kind, epoch, value))
-        trainer.step_scheduler(value)
+        training.step_scheduler(value)
         if resume_due:
-            rest = {k: v for k, v in trainer.resume_state(epoch).items()
+            rest = {k: v for k, v in training.resume_state(epoch).items()
                     if k != "model_state_dict"}
             state = {**self.base, **snapshot(rest), "model_state_dict": weights}
             jobs.append(partial(atomic_torch_save, state, self.folder / RESUME_STATE))
@@ -522,22 +609,27 @@ class _TrialRun:
             self.writer.submit(partial(_run_all, jobs))
         return stopping
 
-    def _finish(self) -> float:
-        """Restore the best weights, publish the kept checkpoint, drop the resume state."""
-        trainer, metric = self.trainer, self.cfg.study.metric
-        if trainer.tracker.best_epoch is None:
-            raise NonFiniteError("no epoch produced a finite monitored value")
+    def restore_best(self) -> None:
+        """Put the best epoch's weights back into the model (under ``checkpoint.save: last``
+        the trial ends with its last epoch's)."""
         # The model the trial ends with is the one it is ranked by.
         if self.cfg.checkpoint.save != "last" and self.best_state is not None:
-            trainer.model.load_state_dict(self.best_state)
+            self.training.model.load_state_dict(self.best_state)
+
+    def _finish(self) -> float:
+        """Restore the best weights, publish the kept checkpoint, drop the resume state."""
+        training, metric = self.training, self.cfg.study.metric
+        if training.tracker.best_epoch is None:
+            raise NonFiniteError("no epoch produced a finite monitored value")
+        self.restore_best()
         kept = self.files.best()
         if kept is not None and self.env.on_checkpoint_kept is not None:
             self.env.on_checkpoint_kept(self.trial, self.folder / kept[0])
         (self.folder / RESUME_STATE).unlink(missing_ok=True)
         if self.cfg.checkpoint.save == "last":
-            return float(trainer.history[-1][metric])
-        first = trainer.history[0]["epoch"]
-        return float(trainer.history[trainer.tracker.best_epoch - first][metric])
+            return float(training.history[-1][metric])
+        first = training.history[0]["epoch"]
+        return float(training.history[training.tracker.best_epoch - first][metric])
 
 
 def _files_due(
@@ -559,18 +651,18 @@ def _run_all(jobs: list[Callable[[], None]]) -> None:
         job()
 
 
-def _record(trial: optuna.Trial, trainer: Trainer, files: TrialFiles, env: TrialEnv) -> None:
+def _record(trial: optuna.Trial, training: Training, files: TrialFiles, env: TrialEnv) -> None:
     """User attrs of however the trial ended (pruned trials too: the report may use them)."""
-    best_epoch = trainer.tracker.best_epoch
+    best_epoch = training.tracker.best_epoch
     kept = files.best()
     if kept is not None:
         trial.set_user_attr(attrs.CHECKPOINT, env.layout.relative(files.folder / kept[0]))
         trial.set_user_attr(attrs.CHECKPOINT_SHA256, kept[1].sha256)
     ended = {
         attrs.BEST_EPOCH: best_epoch,
-        attrs.BEST_VALUE: trainer.tracker.best,
-        attrs.TRAIN_SECONDS: round(trainer.seconds, 3),
-        attrs.HISTORY: trainer.history,
+        attrs.BEST_VALUE: training.tracker.best,
+        attrs.TRAIN_SECONDS: round(training.seconds, 3),
+        attrs.HISTORY: training.history,
         attrs.DEVICE: str(env.device),
         attrs.WORKER: env.worker,
     }
@@ -579,7 +671,7 @@ def _record(trial: optuna.Trial, trainer: Trainer, files: TrialFiles, env: Trial
 
 
 def _resume(
-    trial: optuna.Trial, trainer: Trainer, files: TrialFiles, chain: list[int], env: TrialEnv
+    trial: optuna.Trial, training: Training, files: TrialFiles, chain: list[int], env: TrialEnv
 ) -> None:
     """Continue from the failed trials in ``chain``: state, history and best checkpoints.
 
@@ -589,8 +681,8 @@ def _resume(
     source = chain[-1]
     for number in chain:
         src_dir = env.layout.trial(number)
-        if (src_dir / MANIFEST).exists():
-            files.adopt(TrialFiles(src_dir, trainer.monitor, trainer.mode, files.keep_top_k))
+        if src_dir.is_dir():
+            files.adopt(TrialFiles(src_dir, training.monitor, training.mode, files.keep_top_k))
         last = src_dir / RESUME_STATE
         if last.exists():
             source = number
@@ -601,14 +693,14 @@ def _resume(
     if last.exists():
         # Onto the CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
         # weights and optimizer state to wherever the model is.
-        trainer.load_resume_state(torch.load(last, map_location="cpu", weights_only=True))
+        training.load_resume_state(torch.load(last, map_location="cpu", weights_only=True))
     # last.pt is written at most every resume_min_seconds: best files may be newer than it.
-    files.forget_after(trainer.start_epoch - 1)
+    files.forget_after(training.start_epoch - 1)
     # Intermediate values continue without gaps: replay the epochs already trained.
-    for rec in trainer.history:
+    for rec in training.history:
         trial.report(rec[env.config.study.metric], int(rec["epoch"]))
-    trial.set_user_attr(attrs.RESUMED_FROM, {"trial": source, "epoch": trainer.start_epoch})
-    env.log(f"resumed from trial {source} at epoch {trainer.start_epoch}")
+    trial.set_user_attr(attrs.RESUMED_FROM, {"trial": source, "epoch": training.start_epoch})
+    env.log(f"resumed from trial {source} at epoch {training.start_epoch}")
 
 
 def train_and_test(

@@ -28,6 +28,7 @@ from hpsearch.data import DeviceBatches
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, CheckpointError, ConfigError, UsageError, run_cli
 from hpsearch.evaluation import study_evaluator
 from hpsearch.files import sha256_file
+from hpsearch.objective import score_checkpoint
 from hpsearch.results import MANIFEST, ResultsLayout
 from hpsearch.space import from_params
 
@@ -79,10 +80,25 @@ def verify(results_dir: Path, rtol: float = 1e-5, atol: float = 1e-6) -> Verdict
     except ConfigError as err:
         return Verdict(False, str(err))
     dataset = data_mod.load(config.data, layout.data_cache)
-    val = DeviceBatches(dataset, "val", torch.device("cpu"), in_memory=True)
-    evaluator = study_evaluator(config, dataset.task, from_params(ckpt["params"], config).loss)
-    metrics = {metric_names.named("val", k): v for k, v in evaluator(model, val).items()}
+    params = from_params(ckpt["params"], config)
+    if config.objective is not None:
+        # The user's loop evaluates its model: its test scoring, run on the validation split.
+        try:
+            scores = score_checkpoint(config, path, params, dataset, torch.device("cpu"),
+                                      split="val")
+        except Exception as err:  # the user's code: its failure is the verdict
+            return Verdict(False, f"the objective's scoring of {path} failed: "
+                           f"{type(err).__name__}: {err}")
+        metrics = {metric_names.on_split(k, "val"): v for k, v in scores.items()}
+    else:
+        val = DeviceBatches(dataset, "val", torch.device("cpu"), in_memory=True)
+        evaluator = study_evaluator(config, dataset.task, params.loss)
+        metrics = {metric_names.named("val", k): v for k, v in evaluator(model, val).items()}
     monitor, recorded = ckpt["monitor"], float(ckpt["value"])
+    if monitor not in metrics and config.objective is not None:
+        # report_test must hold the study metric only: check that one.
+        monitor = config.study.metric
+        recorded = float(ckpt["metrics"][monitor])
     reproduced = metrics.get(monitor)
     if reproduced is None:
         return Verdict(False, f"the checkpoint monitors {monitor!r}, which verify cannot "

@@ -558,7 +558,7 @@ class Bench:
     def run_hpsearch(self, raw: dict[str, Any]) -> Run:
         from hpsearch import data as data_mod
         from hpsearch.config import parse_config
-        from hpsearch.run import run_study
+        from hpsearch.run import run_config
         from hpsearch.run.progress import Printer
 
         cfg = parse_config(raw, "bench")
@@ -572,8 +572,8 @@ class Bench:
             started = time.time()
             with CpuMeter() as meter:
                 t0 = time.perf_counter()
-                result = run_study(cfg, root, source="bench",
-                                   printer=Printer(cfg.study.metric, stream=sink))
+                result = run_config(cfg, root, source="bench",
+                                    printer=Printer(cfg.study.metric, stream=sink))
                 wall = time.perf_counter() - t0
             cpu = meter.seconds
         if result.exit_code != 0:
@@ -1095,7 +1095,7 @@ def breakdown(run: Run) -> dict[str, float]:
 
     startup: run start -> first trial claimed; in_trial: per trial, (claim -> tell) minus the
     training loop's own seconds; between: per worker, tell -> next claim; tail: last tell ->
-    run_study returned.
+    run_config returned.
     """
     trials = [t for t in run.study.get_trials(deepcopy=False) if t.datetime_complete]
     starts = [ts(t.datetime_start) for t in trials]
@@ -1217,7 +1217,7 @@ Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; Pyt
   `resume_min_seconds` (10 s; these trials are shorter, so none is written).
   `overhead_ratio_resume_every_epoch` is the same with `resume_min_seconds: 0` (`last.pt`
   after every epoch), each against its own bare run. hpsearch's wall time is
-  `run_study(...)` from call to return, in a process that has already imported hpsearch.
+  `run_config(...)` from call to return, in a process that has already imported hpsearch.
 - Bare loop: plain `nn.Sequential` models of the same size (checked by parameter count),
   Adam, one permutation per epoch and index slicing, per-epoch validation, no storage; a
   spawn-started pool of 2 processes takes the configurations in the same order. Wall time
@@ -1257,7 +1257,7 @@ Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; Pyt
   in-trial = claim-to-tell minus the training loop's own `train_seconds` (the first trial of
   each worker also pays torch's lazy import of `torch._dynamo` on the first optimizer, as
   the bare loop does inside its training time);
-  between = a worker's tell to its next claim; tail = last tell to `run_study` returning.
+  between = a worker's tell to its next claim; tail = last tell to `run_config` returning.
 - GPU: trials_per_device 1, 2, 4 on one GPU (trials/min, nvidia-smi utilization sampled
   twice a second); skipped without CUDA. `scripts/gpu_check.sh` runs it with `pytest -m gpu`.
 

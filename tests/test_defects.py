@@ -33,6 +33,7 @@ from hpsearch.errors import CheckpointError
 from hpsearch.files import atomic_torch_save
 from hpsearch.optuna_private import storage_of, study_id, trial_id
 from hpsearch.results import ResultsLayout
+from hpsearch.run import run_config
 from hpsearch.samplers import PRUNERS, REQUIRES, SAMPLERS, missing_packages
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -152,7 +153,7 @@ def test_every_sampler_and_pruner_the_readme_lists_runs_a_study(tmp_path: Path) 
             **SWEEP_SPACE,
         )
         config = load_config(write_study(tmp_path, raw, f"{sampler}-{pruner}.yaml"))
-        result = hpsearch.run_study(config, tmp_path / "res", handle_signals=False)
+        result = run_config(config, tmp_path / "res", handle_signals=False)
         states = [t.state.name for t in open_results(result.results_dir).trials]
         reasons = {str(t.user_attrs.get("fail_reason"))
                    for t in open_results(result.results_dir).trials

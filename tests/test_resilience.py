@@ -600,7 +600,7 @@ def test_ctrl_c_while_workers_start(tmp_path: Path, method: str) -> None:
         run.kill_everything()
     out = run.output()
     assert rc == 130, out
-    assert elapsed < 10.0
+    assert elapsed < 20.0  # spawned workers still importing torch on a loaded machine
     # Ctrl-C is the user's request, not a crash: no "died", no "segmentation fault", and no
     # KeyboardInterrupt traceback from a worker that was still starting when it landed.
     assert "died" not in out, out

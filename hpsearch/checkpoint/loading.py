@@ -8,21 +8,31 @@ from typing import Any
 from torch import nn
 
 from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.errors import CheckpointError
 from hpsearch.models import build_model
 
 
 def load_model(path: str | Path, map_location: Any = None,
                results_root: str | Path = "results") -> nn.Module:
-    """Rebuild the model of any hpsearch checkpoint file, in eval mode, with its weights."""
+    """Rebuild the model of any hpsearch checkpoint file, in eval mode, with its weights.
+
+    Raises:
+        CheckpointError: The file is missing or corrupt, or the model factory it records
+            cannot be imported here (the message names the module and how to fix that).
+    """
     ckpt = load_checkpoint(path, map_location=map_location, results_root=results_root)
     meta = ckpt["model"]
-    model = build_model(
-        meta["architecture"],
-        meta["params"],
-        meta["input_shape"],
-        meta["output_size"],
-        meta.get("factory"),
-    )
+    try:
+        model = build_model(
+            meta["architecture"],
+            meta["params"],
+            meta["input_shape"],
+            meta["output_size"],
+            meta.get("factory"),
+        )
+    except ImportError as err:
+        # The user's model factory lives in their module, which this process may not see.
+        raise CheckpointError(f"cannot rebuild the model of {ckpt['path']}: {err}") from None
     model.load_state_dict(ckpt["model_state_dict"])
     if map_location is not None:
         model.to(map_location)
@@ -39,6 +49,7 @@ def load_best_model(path: str | Path, map_location: Any = None,
         results_root: Where a study file's results are (the run's ``--results-dir``).
 
     Raises:
-        CheckpointError: No study best yet, or its file is missing or corrupt.
+        CheckpointError: No study best yet, its file is missing or corrupt, or its model
+            factory's module cannot be imported here.
     """
     return load_model(path, map_location=map_location, results_root=results_root)

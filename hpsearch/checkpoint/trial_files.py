@@ -131,7 +131,12 @@ class TrialFiles:
         return None
 
     def adopt(self, other: TrialFiles) -> None:
-        """Move another (failed, resumed) trial's checkpoints into this folder."""
+        """Move another (failed, resumed) trial's checkpoints into this folder.
+
+        A checkpoint its manifest does not name was being saved when that trial's worker
+        died: its epoch came after the last resume state, so the retry trains it again, and
+        the file is deleted (kept, nothing would ever delete it).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
             for name, entry in other.entries.items():
@@ -139,6 +144,9 @@ class TrialFiles:
                 if src.exists():
                     os.replace(src, self.folder / name)
                     self.entries[name] = entry
+            for orphan in other.folder.glob("*.pt"):
+                if orphan.name != RESUME_STATE:  # the resumed state, moved by the caller
+                    orphan.unlink(missing_ok=True)
             other.entries.clear()
             other._write_manifest()
             self._write_manifest()

@@ -28,7 +28,7 @@ import torch
 from joblib.externals.loky.backend.context import get_context as loky_context
 from optuna.trial import FrozenTrial
 
-from hpsearch import attrs, ranking
+from hpsearch import attrs, objective, ranking
 from hpsearch import data as data_mod
 from hpsearch.checkpoint.loading import load_model
 from hpsearch.config import StudyConfig
@@ -96,8 +96,15 @@ def score_checkpoints(
         relative = trial.user_attrs.get(attrs.CHECKPOINT)
         if not relative or not (layout.root / relative).exists():
             continue
+        params = from_params(trial.params, config)
+        if config.objective:
+            # Only the user's objective knows its metrics: it scores the loaded checkpoint.
+            scores[arch] = objective.score_checkpoint(
+                config, layout.root / relative, params, dataset, torch.device("cpu"),
+            )[on_split(config.study.metric, "test")]
+            continue
         model = load_model(layout.root / relative, map_location="cpu")
-        evaluator = study_evaluator(config, dataset.task, from_params(trial.params, config).loss)
+        evaluator = study_evaluator(config, dataset.task, params.loss)
         scores[arch] = evaluator(model, test)[base_of(config.study.metric)]
     return scores
 
@@ -120,8 +127,8 @@ def _retrain(config: StudyConfig, architecture: str, params: dict[str, Any], see
     dataset = data_mod.load(config.data, Path(cache_dir))
     on = torch.device(device)
     in_memory = data_mod.keep_in_memory(dataset, config.data.in_memory, on, slots_on_device)
-    scores = train_and_test(config, from_params(params, config), dataset, on, seed,
-                            in_memory=in_memory)
+    retrain = objective.train_and_test if config.objective else train_and_test
+    scores = retrain(config, from_params(params, config), dataset, on, seed, in_memory=in_memory)
     return _Retrain(architecture, seed, float(scores[on_split(config.study.metric, "test")]))
 
 

@@ -1,7 +1,9 @@
 """``python -m hpsearch.run STUDY.yaml [flags]``: run or continue a study.
 
-Parses arguments, loads the study file, applies the flags, and hands over to
-:func:`hpsearch.run.run_study`. A malformed study file or flag exits 2 with one message.
+Parses arguments, then takes the same path as ``hpsearch.run_study``: the study file and the
+flags through :func:`hpsearch.api.study_config`, the run through
+:func:`hpsearch.run.run_config`, whose outcome is the exit status here (the Python API raises
+instead). A malformed study file or flag exits 2 with one message.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-import optuna
-
-from hpsearch.config import StudyConfig, load_config, parse_config
+from hpsearch.api import Overrides, study_config
 from hpsearch.errors import run_cli
-from hpsearch.run.runner import run_study
+from hpsearch.run.runner import run_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,37 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_overrides(config: StudyConfig, args: argparse.Namespace, source: str) -> StudyConfig:
-    """Flags override the file; the result is validated like the file itself."""
-    raw = config.as_study_dict()
-    if args.n_trials is not None:
-        raw["study"]["n_trials"] = args.n_trials
-    if args.workers is not None:
-        raw["resources"]["workers"] = int(args.workers) if args.workers.isdigit() else args.workers
-    if args.devices is not None:
-        raw["resources"]["devices"] = (
-            args.devices if args.devices in ("auto", "cpu") else args.devices.split(",")
-        )
-    if args.storage is not None:
-        raw["study"]["storage"] = args.storage
-    if args.timeout is not None:
-        raw["study"]["timeout"] = args.timeout
-    if args.no_report:
-        raw["report"]["enabled"] = False
-    return parse_config(raw, f"{source} (with command-line flags)")
+def overrides(args: argparse.Namespace) -> Overrides:
+    """The flags that replace the study file's values."""
+    return Overrides(n_trials=args.n_trials, workers=args.workers, devices=args.devices,
+                     storage=args.storage, timeout=args.timeout,
+                     report=False if args.no_report else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # hpsearch prints its own progress; Optuna's per-trial INFO lines would drown it.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     words = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", "-m", "hpsearch.run", *words])
 
     def body() -> int:
-        config = apply_overrides(load_config(args.study_file), args, args.study_file)
-        return run_study(config, args.results_dir, source=args.study_file,
-                         command=command).exit_code
+        config, source = study_config(args.study_file, overrides(args), "command-line flags")
+        return run_config(config, args.results_dir, source=source, command=command).exit_code
 
     try:
         return run_cli(body)

@@ -4,6 +4,10 @@ Everything that can be wrong with the study file is checked before the results f
 touched. A rerun of the same command continues the same study: stale trials of a run that
 died are failed and resumed, and the study goes on to its ``n_trials`` total. Ctrl-C and
 SIGTERM are handled from the workers' start to the end of the report.
+
+:func:`run_config` is the engine under both entry points: ``hpsearch.run_study`` (the Python
+API, which raises for a stopped or failed run) and ``python -m hpsearch.run`` (which exits
+with :attr:`RunOutcome.exit_code`). Use ``hpsearch.run_study``.
 """
 
 from __future__ import annotations
@@ -44,20 +48,29 @@ Event = Callable[[str], None]
 
 
 @dataclass
-class RunResult:
+class RunOutcome:
+    """How a run ended, already told to the user through the printer."""
+
     exit_code: int
+    """0, 1 (the run stopped on failures, or the report failed), 130/143 (a stop signal)."""
     results_dir: Path
     study: optuna.Study | None = None
+    failure: str | None = None
+    """Why the exit code is 1, in one line."""
+    signal: int | None = None
+    """The stop signal (SIGINT, SIGTERM) that interrupted the run."""
+    report: dict[str, Path] | None = None
+    """The report files this run wrote."""
 
 
-def run_study(
+def run_config(
     config: StudyConfig,
     results_root: str | Path = "results",
     source: str = "",
     printer: Printer | None = None,
     handle_signals: bool = True,
     command: str | None = None,
-) -> RunResult:
+) -> RunOutcome:
     """Run (or continue) a study until ``n_trials`` trials are counted, then report.
 
     Args:
@@ -66,16 +79,32 @@ def run_study(
         source: The study file's path, for messages.
         printer: Where progress goes (default: stdout).
         handle_signals: Install the Ctrl-C / SIGTERM handlers (main thread only).
-        command: The command line that started the run, repeated in the resume hint.
+        command: How to resume, repeated in the resume hint (default: the CLI command).
+
+    Returns:
+        The outcome; a stopped or failed run is an exit code here, not an exception.
 
     Raises:
         ConfigError: The study is inconsistent with its data, its devices, or a stored study.
     """
+    # hpsearch prints its own progress; Optuna's INFO lines (a study created, trials told by
+    # forked workers) would drown it. Restored after, for a notebook's own setting.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _run(config, results_root, source, printer or Printer(config.study.metric),
+                    handle_signals, command)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _run(config: StudyConfig, results_root: str | Path, source: str, printer: Printer,
+         handle_signals: bool, command: str | None) -> RunOutcome:
+    """The run's steps, in order."""
     slots = check_strategy(config, source)
     layout = ResultsLayout.of(config, results_root)
     dataset = load_dataset(config, source, layout)
     log = prepare_folder(config, layout, dataset)
-    printer = printer or Printer(config.study.metric)
 
     def event(text: str) -> None:
         log.info(text)
@@ -101,17 +130,18 @@ def run_study(
             sup.shutdown()
         settle(study, layout, config)
         printer.show(snapshot(study, config, []))
-        exit_code = outcome(sup, layout, stop, event)
+        result = outcome(sup, layout, stop, event)
         stopped_in_training = stop.stopping
-        if exit_code == EXIT_OK and config.report.enabled:
-            exit_code = write_report(config, study, layout, slots, stop, event)
+        if result.exit_code == EXIT_OK and config.report.enabled:
+            result = write_report(config, study, layout, slots, stop, event)
     event(summary(study, config, layout))
     if stopped_in_training:
         resume = command or f"python -m hpsearch.run {source or '<study file>'}"
         event("interrupted: every finished trial and checkpoint is kept; running trials "
               f"resume from their last epoch. Resume with: {resume}")
-    log.info("run ended with exit code %s", exit_code)
-    return RunResult(exit_code, layout.root, study)
+    log.info("run ended with exit code %s", result.exit_code)
+    result.study = study
+    return result
 
 
 # ---------------------------------------------------------------- before anything is written
@@ -310,30 +340,36 @@ def settle(study: optuna.Study, layout: ResultsLayout, config: StudyConfig) -> N
         publish_study_best(store, study, layout)
 
 
-def outcome(sup: Supervisor, layout: ResultsLayout, stop: StopSignals, event: Event) -> int:
-    """The exit code the workers' ending deserves."""
+def outcome(sup: Supervisor, layout: ResultsLayout, stop: StopSignals,
+            event: Event) -> RunOutcome:
+    """The outcome the workers' ending deserves."""
     if stop.stopping:
-        return stop.exit_code
+        return RunOutcome(stop.exit_code, layout.root, signal=stop.received[0])
     if layout.abort_file.exists():
-        event("study stopped: " + json.loads(layout.abort_file.read_text())["message"])
-        return EXIT_FAILED
+        failure = "study stopped: " + json.loads(layout.abort_file.read_text())["message"]
+        event(failure)
+        return RunOutcome(EXIT_FAILED, layout.root, failure=failure)
     errors = [st.error for st in sup.states if st.error]
-    return EXIT_FAILED if errors and len(errors) == len(sup.states) else EXIT_OK
+    if errors and len(errors) == len(sup.states):
+        return RunOutcome(EXIT_FAILED, layout.root,
+                          failure=f"every worker failed; the first: {errors[0]}")
+    return RunOutcome(EXIT_OK, layout.root)
 
 
 def write_report(config: StudyConfig, study: optuna.Study, layout: ResultsLayout,
-                 slots: list[Slot], stop: StopSignals, event: Event) -> int:
+                 slots: list[Slot], stop: StopSignals, event: Event) -> RunOutcome:
     """Measure and write the report; a stop during it abandons the report, not the study."""
     try:
         with stop.raising():
             paths = build_report(config, study, layout, slots, on_progress=event)
-    except Interrupted:
+    except Interrupted as err:
         event("interrupted during the report: the study and its checkpoints are complete and "
               "kept; the report was not written. Rebuild it with: "
               f"python -m hpsearch.report {layout.root}")
-        return stop.exit_code
+        return RunOutcome(stop.exit_code, layout.root, signal=err.signum)
     except HpsearchError as err:
-        event(f"error: the report could not be written: {err}")
-        return EXIT_FAILED
+        failure = f"the report could not be written: {err}"
+        event(f"error: {failure}")
+        return RunOutcome(EXIT_FAILED, layout.root, failure=failure)
     event(f"report: {paths['html']}")
-    return EXIT_OK
+    return RunOutcome(EXIT_OK, layout.root, report=paths)

@@ -41,6 +41,7 @@ from hpsearch.checkpoint.study_best import offer_best
 from hpsearch.config import StudyConfig
 from hpsearch.errors import Interrupted
 from hpsearch.files import atomic_write_json, file_lock
+from hpsearch.objective import run_objective_trial
 from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, storage_of, tell
 from hpsearch.pruning import build_study_pruner
 from hpsearch.results import ResultsLayout
@@ -382,7 +383,8 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
     try:
         params = sample(trial, cfg)
         log(f"params {json.dumps(params.flat())}")
-        value = run_trial(trial, params, env)
+        # A study with an objective trains with the user's loop, book-kept the same way.
+        value = (run_objective_trial if cfg.objective else run_trial)(trial, params, env)
     except optuna.TrialPruned as err:
         log(f"PRUNED: {err}")
         exhausted = tell(study, trial, state=TrialState.PRUNED)
