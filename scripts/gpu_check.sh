@@ -220,10 +220,10 @@ run_tests() {
     # tests get the rest.
     local limit=$(( $(left) - 110 ))
     [ "$limit" -lt 60 ] && limit=60
-    step "tests/test_gpu.py (time limit ${limit}s)"
+    step "GPU-marked tests: tests/test_gpu.py and -m gpu elsewhere (time limit ${limit}s)"
     rm -f "$OUT_DIR/test_gpu.xml"
-    timeout -k 10 "$limit" "$PY" -m pytest -p no:cacheprovider tests/test_gpu.py -v \
-        --durations=5 --junitxml="$OUT_DIR/test_gpu.xml"
+    timeout -k 10 "$limit" "$PY" -m pytest -p no:cacheprovider tests/test_gpu.py \
+        tests/test_user_step.py -m gpu -v --durations=5 --junitxml="$OUT_DIR/test_gpu.xml"
     TEST_RC=$?
     case "$TEST_RC" in 124|137) echo "error: the tests ran past ${limit}s and were stopped";; esac
 }

@@ -12,31 +12,13 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from services import POSTGRES, REDIS, require_service
 from studyfiles import TINY, tiny, write_study
 
 from hpsearch.checkpoint.study_best import read_best_meta
 from hpsearch.config import parse_config
 from hpsearch.storage.backends import open_storage
 from hpsearch.storage.trials import counted, fail_trial, state_counts
-
-POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-REDIS = "redis://127.0.0.1:6379/0"
-
-
-def _reachable(url: str) -> bool:
-    try:
-        if url.startswith("redis"):
-            import redis
-
-            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        else:
-            import sqlalchemy
-
-            with sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2}).connect():
-                pass
-        return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(params=["journal", "sqlite", "postgres", "redis"])
@@ -46,10 +28,7 @@ def storage_url(request, tmp_path) -> str:
         return str(tmp_path / "journal.log")
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'study.db'}"
-    url = POSTGRES if kind == "postgres" else REDIS
-    if not _reachable(url):
-        pytest.skip(f"{kind} is not reachable at {url}")
-    return url
+    return require_service(POSTGRES if kind == "postgres" else REDIS)
 
 
 def _config(name: str):
@@ -92,8 +71,8 @@ def test_failed_trial_is_requeued_and_not_counted(storage_url: str) -> None:
 def test_run_on_rdb_storage(kind: str, tmp_path: Path) -> None:
     name = f"rdb-{uuid.uuid4().hex[:8]}"
     url = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else POSTGRES
-    if kind == "postgres" and not _reachable(url):
-        pytest.skip("postgres is not reachable")
+    if kind == "postgres":
+        require_service(url)
     raw = tiny(study={"name": name, "n_trials": 4, "storage": url, "heartbeat_interval": 1})
     study_file = write_study(tmp_path, raw)
     out = subprocess.run(
