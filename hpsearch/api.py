@@ -48,6 +48,7 @@ class Overrides:
     storage: str | None = None
     timeout: float | None = None
     report: bool | None = None
+    scheduler: str | None = None
 
     def apply(self, config: StudyConfig, source: str, by: str) -> StudyConfig:
         """The config with these values, validated like the study itself (errors name
@@ -72,6 +73,8 @@ class Overrides:
             raw["study"]["timeout"] = self.timeout
         if self.report is not None:
             raw["report"]["enabled"] = self.report
+        if self.scheduler is not None:
+            raw["resources"]["scheduler"] = self.scheduler
         return parse_config(raw, f"{source} (with {by})")
 
 
@@ -169,6 +172,7 @@ def run_study(
     storage: str | None = None,
     timeout: float | None = None,
     report: bool | None = None,
+    scheduler: str | None = None,
 ) -> StudyResult:
     """Run (or continue) a study in parallel workers, as ``python -m hpsearch.run`` does.
 
@@ -186,6 +190,8 @@ def run_study(
         storage: Replaces ``study.storage`` (an Optuna storage URL or journal file path).
         timeout: Replaces ``study.timeout``: seconds after which no new trial starts.
         report: Write the report at the end (None: as ``report.enabled`` says).
+        scheduler: Replaces ``resources.scheduler``: a Dask scheduler's address
+            (``tcp://host:8786``) whose workers run the trials and the seed retrains.
 
     Returns:
         The study, its best trial and value, its folder, and ``load_best_model()``.
@@ -199,7 +205,7 @@ def run_study(
             failed, or the report could not be written; the message names the cause.
     """
     overrides = Overrides(n_trials=n_trials, workers=workers, devices=devices,
-                          storage=storage, timeout=timeout, report=report)
+                          storage=storage, timeout=timeout, report=report, scheduler=scheduler)
     config, source = study_config(study, overrides, "run_study arguments")
     again = resume_call(source, results_dir, overrides)
     # Signal handlers can only be installed from the main thread; from another one the run

@@ -10,6 +10,7 @@ BEST_VALUE = "best_value"
 CHECKPOINT = "checkpoint"  # path relative to the results folder, or a note once deleted
 CHECKPOINT_SHA256 = "checkpoint_sha256"
 CHECKPOINT_ARTIFACT = "checkpoint_artifact"
+STORE_KEY = "store_key"  # a shared store: the prefix of the ids of this trial's files
 DEVICE = "device"
 WORKER = "worker"
 TRAIN_SECONDS = "train_seconds"
@@ -24,6 +25,7 @@ PRUNE_REASON = "prune_reason"
 RETRY_HISTORY = "retry_history"
 FAILED_TRIAL = "failed_trial"
 RETRIES = "hpsearch_retries"
+HEARTBEAT = "hpsearch:heartbeat"  # {host, pid, parent, time}: liveness kept in a journal storage
 
 # ---- study user attributes
 STUDY_ENQUEUED = "hpsearch_enqueued"
@@ -35,3 +37,6 @@ STUDY_BEST_TRIAL = "best_checkpoint_trial"
 # ---- study system attributes
 RETIRED_ARTIFACT_PREFIX = "hpsearch:retired_artifact:"
 RETIRED_CHECKPOINT_PREFIX = "hpsearch:retired_checkpoint:"  # + trial number: its files deleted
+STUDY_CONFIG = "hpsearch:config"  # a shared store: the study file, so any machine finds it
+STUDY_BEST_RECORD = "hpsearch:best"  # a shared store: the study best, decided here
+STORE_CLEARED_PREFIX = "hpsearch:store_cleared:"  # + trial number: its stored files gone

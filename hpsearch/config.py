@@ -471,6 +471,10 @@ class CheckpointSection(_Strict):
         return v
 
 
+SCHEDULER_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss")
+"""Address schemes of a Dask scheduler (``resources.scheduler``)."""
+
+
 class ResourcesSection(_Strict):
     devices: Literal["auto", "cpu"] | list[str] = "auto"
     """auto: every visible CUDA GPU, else the CPU; or a list like [cuda:0, cuda:1]."""
@@ -483,6 +487,31 @@ class ResourcesSection(_Strict):
     """How worker processes start. fork: in milliseconds, sharing the parent's imports and
     data; only for CPU workers of one torch thread (OpenMP and CUDA are not fork-safe).
     spawn: a fresh interpreter each. auto: fork where allowed, else spawn."""
+    scheduler: str | None = None
+    """A Dask scheduler's address (tcp://host:8786): the workers run on the cluster's Dask
+    workers, one per device slot of each. None: on this machine."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: Any) -> Any:
+        # Checked here, so a typo stops before any work instead of after a connect timeout.
+        if v is None:
+            return v
+        scheme, sep, rest = str(v).partition("://")
+        host, colon, port = rest.rpartition(":")
+        if not (sep and scheme in SCHEDULER_SCHEMES and host and colon and port.isdigit()
+                and 0 < int(port) < 65536):
+            raise ValueError(f"{v!r} is not a Dask scheduler address: use "
+                             f"{'|'.join(SCHEDULER_SCHEMES)}://host:port, e.g. "
+                             "tcp://127.0.0.1:8786")
+        return v
+
+    @model_validator(mode="after")
+    def _cluster_devices(self) -> ResourcesSection:
+        if self.scheduler is not None and isinstance(self.devices, list):
+            raise ValueError("devices: with a scheduler, use auto or cpu (each Dask worker's "
+                             "GPUs come from its own resources, not from a list here)")
+        return self
 
     @field_validator("workers", "torch_threads", mode="before")
     @classmethod
@@ -521,12 +550,26 @@ class ArtifactsSection(_Strict):
     """boto3: bucket name."""
     endpoint_url: str | None = None
     """boto3: S3-compatible endpoint."""
+    shared: bool | None = None
+    """Every node reaches the store: each trial's files (kept checkpoints, manifest, resume
+    state) are mirrored there as they are written, so a trial resumes on another node, and
+    the study best is recorded in the storage. Default: yes for boto3 and for a filesystem
+    store with its own ``path``; no for the default store inside the results folder."""
 
     @model_validator(mode="after")
     def _bucket(self) -> ArtifactsSection:
         if self.store == "boto3" and not self.bucket:
             raise ValueError("bucket: required when store is boto3")
+        if self.shared and self.store == "none":
+            raise ValueError("shared: needs a store (filesystem or boto3), not none")
         return self
+
+    @property
+    def shares_trials(self) -> bool:
+        """Whether trials' files are mirrored to the store (``shared``, or its default)."""
+        if self.shared is not None:
+            return self.shared
+        return self.store == "boto3" or (self.store == "filesystem" and self.path is not None)
 
 
 class ArchitectureSpec(BaseModel):

@@ -1,5 +1,8 @@
 """``python -m hpsearch.dashboard STUDY.yaml | RESULTS_FOLDER``: optuna-dashboard for a study.
 
+``python -m hpsearch.dashboard --storage URL [--study NAME]`` serves a study with a shared
+artifact store from any machine (a laptop): the store is the one the study recorded.
+
 Opens the study's storage and artifact store and serves optuna-dashboard on them, on loopback
 unless ``--host`` says otherwise; it reads the storage on every request, so it follows a study
 that is still running. Checkpoints are listed as downloadable artifacts; a checkpoint that
@@ -34,8 +37,9 @@ from hpsearch.checkpoint.artifacts import (
     retired_artifacts,
 )
 from hpsearch.checkpoint.retention import retired_checkpoints
+from hpsearch.checkpoint.shared import open_recorded
 from hpsearch.errors import UsageError, run_cli
-from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, summary_id, trial_id
+from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, storage_of, summary_id, trial_id
 from hpsearch.results import ResultsLayout, locate
 from hpsearch.storage.backends import open_existing, open_journal
 from hpsearch.storage.views import StorageView
@@ -96,6 +100,16 @@ def resolve(target: str, results_root: str) -> Target:
     except Exception as err:  # a missing driver or bad bucket: one line, not a traceback
         raise UsageError(f"cannot open the artifact store: {err}") from None
     return Target(storage, store, config.study.name, url)
+
+
+def resolve_storage(url: str, study_name: str | None) -> Target:
+    """Open a study from its storage URL, with the shared artifact store it recorded.
+
+    Raises:
+        UsageError: The storage or study cannot be opened, or it recorded no shared store.
+    """
+    recorded = open_recorded(url, study_name)
+    return Target(storage_of(recorded.study), recorded.store, recorded.study.study_name, url)
 
 
 # ---------------------------------------------------------------- what the dashboard sees
@@ -243,7 +257,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m hpsearch.dashboard",
         description="Serve optuna-dashboard for an hpsearch study, checkpoints included.",
     )
-    p.add_argument("target", help="the study file, or the study's results folder")
+    p.add_argument("target", nargs="?", help="the study file, or the study's results folder")
+    p.add_argument("--storage", help="instead of a study file or folder, from any machine: "
+                   "the storage URL of a study run with a shared artifact store")
+    p.add_argument("--study", help="with --storage: the study's name (needed when the "
+                   "storage holds several)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080,
@@ -260,12 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535 (got {args.port})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return run_cli(lambda: serve(args.target, args.results_dir, args.host, args.port))
+    if (args.target is None) == (args.storage is None):
+        parser.error("give a study file or results folder, or --storage (not both)")
+    return run_cli(lambda: serve(args.target, args.results_dir, args.host, args.port,
+                                 args.storage, args.study))
 
 
-def serve(target_path: str, results_root: str, bind: str, port: int) -> int:
+def serve(target_path: str | None, results_root: str, bind: str, port: int,
+          storage: str | None = None, study: str | None = None) -> int:
     """Open the study, listen, print the URL, and serve until Ctrl-C or SIGTERM."""
-    target = resolve(target_path, results_root)
+    target = (resolve_storage(storage, study) if storage is not None
+              else resolve(str(target_path), results_root))
     server = build_server(target, bind, port)
     host, port = server.server_address[:2]
     if host in ("0.0.0.0", "::"):

@@ -13,7 +13,8 @@ from typing import Any
 
 import optuna
 from optuna.artifacts._protocol import ArtifactStore
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial
@@ -24,6 +25,8 @@ __all__ = [
     "BaseJournalFileLock",
     "frozen",
     "planned_params",
+    "rdb_heartbeat_ages",
+    "rdb_storage",
     "record_heartbeat",
     "storage_of",
     "study_id",
@@ -84,3 +87,36 @@ def planned_params(trial: FrozenTrial) -> dict[str, Any]:
 def record_heartbeat(storage: Any, trial: optuna.Trial) -> None:
     """Beat an RDB trial's heartbeat by hand (workers do not run ``study.optimize``)."""
     storage.record_heartbeat(trial._trial_id)
+
+
+def rdb_storage(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage under a study's storage (``load_study`` wraps it in a cache), or None."""
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def rdb_heartbeat_ages(storage: RDBStorage, study_id: int) -> dict[int, float]:
+    """Seconds since each trial's last RDB heartbeat, by trial number, on the database's
+    clock (so the nodes' clocks do not matter); trials never beaten are absent. Finished
+    trials too: one that finishes while this reads is not mistaken for one never beaten.
+
+    Optuna's own ``_get_stale_trial_ids`` answers only yes or no, with its grace period, and
+    skips trials without a heartbeat.
+    """
+    # Here, not at the top: SQLAlchemy takes most of a second to import, and only RDB
+    # studies need it.
+    import sqlalchemy
+    from optuna.storages._rdb import models as rdb_models
+
+    trial, beat = rdb_models.TrialModel, rdb_models.TrialHeartbeatModel
+    query = (sqlalchemy.select(trial.number, beat.heartbeat)
+             .join(beat, beat.trial_id == trial.trial_id)
+             .where(trial.study_id == study_id))
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+        rows = conn.execute(query).all()
+    assert now is not None
+    # As Optuna does: PostgreSQL's now() is zone-aware, the stored heartbeats are not.
+    now = now.replace(tzinfo=None)
+    return {int(number): (now - at).total_seconds() for number, at in rows}

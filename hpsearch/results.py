@@ -104,6 +104,10 @@ class ResultsLayout:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    def fetched(self, name: str) -> Path:
+        """A copy of a file of another node's trial, fetched from the shared store."""
+        return self.root / "fetched" / name
+
     def report_file(self, kind: str) -> Path:
         return self.root / REPORT_FILES[kind]
 

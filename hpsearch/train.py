@@ -34,7 +34,9 @@ from torch import nn
 
 from hpsearch import attrs, metrics
 from hpsearch.callbacks import Callbacks, TensorBoardLog, TrialEvent
+from hpsearch.checkpoint.artifacts import register_trial_checkpoint
 from hpsearch.checkpoint.format import load_checkpoint
+from hpsearch.checkpoint.mirror import TrialMirror
 from hpsearch.checkpoint.trial_files import FORMAT_VERSION, BackgroundWriter, TrialFiles, snapshot
 from hpsearch.config import StudyConfig
 from hpsearch.data import Dataset, DeviceBatches
@@ -43,9 +45,9 @@ from hpsearch.evaluation import EVAL_BATCH, evaluate, study_evaluator
 from hpsearch.files import atomic_torch_save
 from hpsearch.models import build_model, count_parameters
 from hpsearch.optim import build_optimizer, build_schedule
-from hpsearch.optuna_private import frozen
+from hpsearch.optuna_private import ArtifactStore, frozen, storage_of, study_id
 from hpsearch.ranking import improves
-from hpsearch.results import RESUME_STATE, ResultsLayout
+from hpsearch.results import MANIFEST, RESUME_STATE, ResultsLayout
 from hpsearch.space import TrialParams
 from hpsearch.version import __version__
 
@@ -329,6 +331,10 @@ class TrialEnv:
     on_epoch: Callable[[int, int, dict[str, float]], None] = lambda trial, epoch, rec: None
     log: Callable[[str], None] = print
     on_checkpoint_kept: Callable[[optuna.Trial, Path], None] | None = None
+    store: ArtifactStore | None = None
+    """The study's artifact store. With ``artifacts.shared`` each trial's files are mirrored
+    there (:mod:`hpsearch.checkpoint.mirror`), and its kept checkpoint is published from the
+    mirror instead of through ``on_checkpoint_kept``."""
 
 
 class Training(Protocol):
@@ -443,8 +449,10 @@ class TrialRun:
         self.training = training
         self.folder = env.layout.trial(trial.number)
         self.folder.mkdir(parents=True, exist_ok=True)
+        mirror = (TrialMirror.start(env.store, trial)
+                  if env.store is not None and cfg.artifacts.shares_trials else None)
         self.files = TrialFiles(self.folder, training.monitor, training.mode,
-                                cfg.checkpoint.keep_top_k)
+                                cfg.checkpoint.keep_top_k, mirror)
         trial.set_user_attr(attrs.ARCHITECTURE, params.architecture)
         trial.set_user_attr(attrs.N_PARAMS, count_parameters(training.model))
         chain = resume_chain(trial)
@@ -484,9 +492,11 @@ class TrialRun:
         except Interrupted:
             raise  # not an end: the trial resumes
         except optuna.TrialPruned:
+            self._forget_stored(resume_state_only=True)
             self._end("PRUNED", None)
             raise
         except Exception:
+            self._forget_stored(resume_state_only=False)
             try:
                 self._end("FAIL", None)
             except CallbackError as err:
@@ -494,6 +504,20 @@ class TrialRun:
             raise
         self._end("COMPLETE", value)
         return value
+
+    def _forget_stored(self, resume_state_only: bool) -> None:
+        """A trial that ends without a resume drops its resume state from a shared store; a
+        failed one (never retried, never kept) all its files."""
+        mirror = self.files.mirror
+        if mirror is None:
+            return
+        try:
+            if resume_state_only:
+                mirror.remove(RESUME_STATE)
+            else:
+                mirror.remove_all()
+        except Exception as err:  # the trial's own ending matters more than this cleanup
+            self.env.log(f"could not delete the trial's files from the store: {err}")
 
     def _end(self, state: str, value: float | None) -> None:
         history = self.training.history
@@ -603,6 +627,8 @@ class TrialRun:
                     if k != "model_state_dict"}
             state = {**self.base, **snapshot(rest), "model_state_dict": weights}
             jobs.append(partial(atomic_torch_save, state, self.folder / RESUME_STATE))
+            if self.files.mirror is not None:
+                jobs.append(partial(self.files.mirror.put, self.folder / RESUME_STATE))
             self.last_resume_write = time.monotonic()
         if jobs:
             # Written off the training thread; the next submit waits for this one.
@@ -623,9 +649,16 @@ class TrialRun:
             raise NonFiniteError("no epoch produced a finite monitored value")
         self.restore_best()
         kept = self.files.best()
-        if kept is not None and self.env.on_checkpoint_kept is not None:
+        mirror = self.files.mirror
+        if kept is not None and mirror is not None:
+            # Already in the store: published as is, not uploaded twice.
+            register_trial_checkpoint(self.trial, mirror.object_id(kept[0]),
+                                      self.folder / kept[0])
+        elif kept is not None and self.env.on_checkpoint_kept is not None:
             self.env.on_checkpoint_kept(self.trial, self.folder / kept[0])
         (self.folder / RESUME_STATE).unlink(missing_ok=True)
+        if mirror is not None:
+            mirror.remove(RESUME_STATE)
         if self.cfg.checkpoint.save == "last":
             return float(training.history[-1][metric])
         first = training.history[0]["epoch"]
@@ -677,10 +710,21 @@ def _resume(
 
     The newest ``last.pt`` in the chain wins: a retry killed before it moved its
     predecessor's state leaves that state where it was.
+
+    With a shared store, a predecessor whose files this node lacks (it ran on another node)
+    is fetched from the store first; once this trial holds its own copies there, the
+    predecessors' are deleted.
     """
     source = chain[-1]
+    mirror = files.mirror
+    stored = {n: _stored_files(trial, n, mirror) for n in chain} if mirror else {}
     for number in chain:
         src_dir = env.layout.trial(number)
+        earlier = stored.get(number)
+        here = (src_dir / MANIFEST).exists() or (src_dir / RESUME_STATE).exists()
+        if earlier is not None and not here:
+            fetched = earlier.fetch_folder(src_dir)
+            env.log(f"fetched trial {number}'s files from the store: {', '.join(fetched)}")
         if src_dir.is_dir():
             files.adopt(TrialFiles(src_dir, training.monitor, training.mode, files.keep_top_k))
         last = src_dir / RESUME_STATE
@@ -690,6 +734,12 @@ def _resume(
             # retry still resumes from here.
             os.replace(last, files.folder / RESUME_STATE)
     last = files.folder / RESUME_STATE
+    if mirror is not None:
+        if last.exists():
+            mirror.put(last)
+        for earlier in stored.values():
+            if earlier is not None:
+                earlier.remove_all()
     if last.exists():
         # Onto the CPU: RNG states must stay CPU ByteTensors, and load_state_dict moves the
         # weights and optimizer state to wherever the model is.
@@ -701,6 +751,14 @@ def _resume(
         trial.report(rec[env.config.study.metric], int(rec["epoch"]))
     trial.set_user_attr(attrs.RESUMED_FROM, {"trial": source, "epoch": training.start_epoch})
     env.log(f"resumed from trial {source} at epoch {training.start_epoch}")
+
+
+def _stored_files(trial: optuna.Trial, number: int, mirror: TrialMirror) -> TrialMirror | None:
+    """Trial ``number``'s files in the store ``mirror`` writes to, if it recorded a key."""
+    storage = storage_of(trial.study)
+    earlier = storage.get_trial(
+        storage.get_trial_id_from_study_id_trial_number(study_id(trial.study), number))
+    return TrialMirror.of(mirror.store, earlier)
 
 
 def train_and_test(

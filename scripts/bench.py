@@ -16,6 +16,9 @@ What is measured (targets live here, never in timed tests):
   count, medians over sampler seeds.
 - ``checkpoint_overhead_ratio``: time per epoch of a ~50 MB model, best checkpoints on / off.
 - ``scale_rate_ratio``: many tiny trials; trials/s over the last window / the first window.
+- ``dask_scaling_2_workers`` / ``dask_overhead_ratio``: the same fixed configurations on a
+  local Dask cluster (``resources.scheduler``): 2 one-thread Dask workers / 1, and the 2-worker
+  Dask run / a local run with the same 2 one-thread slots.
 - GPU (when one is visible): trials_per_device 1, 2, 4 on one GPU.
 
 Baselines run in processes started with ``spawn``; this module imports only the standard
@@ -63,6 +66,10 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "architecture_ranking_fidelity": ("<=", 0.05, "worst shortfall of an architecture's "
                                       "reported seed-mean test_acc below its tuned reference"),
     "epochs_fraction": ("<=", 0.7, "epochs trained / unpruned budget, in those runs"),
+    "dask_scaling_2_workers": (">=", 1.7, "trials/min on a local Dask cluster, 2 one-thread "
+                               "workers / 1"),
+    "dask_overhead_ratio": ("<=", 1.15, "wall time, Dask run / local run, same slots (2 "
+                            "one-thread workers)"),
 }
 
 # The search-quality space (issue 14): MLP and CNN whose width has the same name in the plain
@@ -736,6 +743,62 @@ class Bench:
         if bare:
             self.results["bare_scaling_2_workers"] = round(median(bare), 3)
 
+    def dask(self) -> None:
+        """The fixed configurations on a local Dask cluster: 1 and 2 one-thread Dask workers,
+        and a local run with the same slots right after each 2-worker run."""
+        try:
+            import importlib
+
+            from distributed import LocalCluster
+        except ImportError:
+            self.notes.append('dask skipped: Dask is not installed (pip install '
+                              '"dask[distributed]")')
+            self.say("dask: skipped (Dask is not installed)")
+            return
+        n, ones, twos, ratios, cpu = len(self.sizes.configs), [], [], [], []
+        one_thread = {"devices": "cpu", "workers": "auto", "torch_threads": 1}
+
+        def workers(client: Any, count: int) -> None:
+            """Scale to ``count`` Dask workers; each imports hpsearch before it is timed, as
+            the processes of a long-lived cluster have."""
+            cluster.scale(count)
+            end = time.monotonic() + 120
+            while len(client.nthreads()) != count and time.monotonic() < end:
+                time.sleep(0.2)
+            client.run(importlib.import_module, "hpsearch.workers.worker")
+
+        # One cluster (its scheduler in this process, as CPU of the Dask run), one or two
+        # worker processes of one thread.
+        with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0",
+                          processes=True) as cluster, cluster.get_client() as client:
+            client.run_on_scheduler(importlib.import_module, "hpsearch.workers.worker")
+            address = cluster.scheduler_address
+            for rep in range(max(1, self.sizes.repeats - 1)):
+                workers(client, 1)
+                one = self.run_hpsearch(base_config(
+                    f"dask-1-{rep}", self.sizes, resources={**one_thread, "scheduler": address}))
+                workers(client, 2)
+                two = self.run_hpsearch(base_config(
+                    f"dask-2-{rep}", self.sizes, resources={**one_thread, "scheduler": address}))
+                local = self.run_hpsearch(base_config(
+                    f"dask-local-{rep}", self.sizes,
+                    resources={**one_thread, "workers": 2}))
+                ones.append(n / one.wall * 60)
+                twos.append(n / two.wall * 60)
+                ratios.append(two.wall / local.wall)
+                # CPU seconds of every process (the Dask workers are this one's children) feel
+                # other jobs on the machine less than wall time does.
+                cpu.append(two.cpu / local.cpu)
+                self.say(f"dask rep {rep}: 1 Dask worker {one.wall:.2f} s, 2 Dask workers "
+                         f"{two.wall:.2f} s, local 2 workers {local.wall:.2f} s; load "
+                         f"{os.getloadavg()[0]:.1f}")
+        self.results["dask_trials_per_min_1_worker"] = [round(v, 2) for v in ones]
+        self.results["dask_trials_per_min_2_workers"] = [round(v, 2) for v in twos]
+        self.results["dask_scaling_2_workers"] = round(
+            median([b / a for a, b in zip(ones, twos)]), 3)
+        self.results["dask_overhead_ratio"] = round(median(ratios), 3)
+        self.results["dask_overhead_cpu_ratio"] = round(median(cpu), 3)
+
     def pruning(self) -> None:
         s = self.sizes
         fractions, gaps, per_seed = [], [], []
@@ -1258,6 +1321,13 @@ Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; Pyt
   each worker also pays torch's lazy import of `torch._dynamo` on the first optimizer, as
   the bare loop does inside its training time);
   between = a worker's tell to its next claim; tail = last tell to `run_config` returning.
+- Dask: the fixed configurations with `resources.scheduler` pointing at a local Dask
+  cluster (`distributed.LocalCluster`, its scheduler in this process, scaled between 1 and 2
+  one-thread worker processes; hpsearch imported in them before timing, as in a long-lived
+  cluster): 1 Dask worker
+  against 2 (`dask_scaling_2_workers`, trials/min), and each 2-worker run against a local run
+  of 2 one-thread workers right after it (`dask_overhead_ratio`, wall time); medians over
+  {max(1, FULL.repeats - 1)} repetitions. Skipped, with a note, where Dask is not installed.
 - GPU: trials_per_device 1, 2, 4 on one GPU (trials/min, nvidia-smi utilization sampled
   twice a second); skipped without CUDA. `scripts/gpu_check.sh` runs it with `pytest -m gpu`.
 
@@ -1277,7 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, under a minute")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU measurement")
     p.add_argument("--only", help="comma-separated subset: overhead,plain_optuna,scaling,"
-                   "pruning,checkpointing,scale,search_quality,architecture_fidelity,gpu")
+                   "pruning,checkpointing,scale,search_quality,architecture_fidelity,gpu,dask")
     p.add_argument("--merge", action="store_true",
                    help="keep the other measurements of the existing bench.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
@@ -1289,7 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     out = Path(args.out)
     steps = ["overhead", "plain_optuna", "scaling", "pruning", "checkpointing", "scale",
-             "search_quality", "architecture_fidelity", "gpu"]
+             "search_quality", "architecture_fidelity", "gpu", "dask"]
     if args.gpu_only:
         steps = ["gpu"]
     elif args.only:

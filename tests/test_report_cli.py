@@ -175,8 +175,10 @@ def test_ctrl_c_during_seed_retrains_exits_130_with_one_line(study_run) -> None:
     tmp_path, _ = study_run
     folder = tmp_path / "res/tiny"
     before = {name: (folder / name).stat().st_ino for name in FILES if (folder / name).exists()}
-    # The same study with many seeds, so the retrains are still running when Ctrl-C comes.
-    busy = write_study(tmp_path, derive(STUDY, report={"seeds": 50}), name="busy.yaml")
+    # The same study with many seeds of longer retrains, so that they are still running when
+    # Ctrl-C comes (50 seeds of the 3-epoch study can all finish within a few seconds).
+    busy = write_study(tmp_path, derive(STUDY, report={"seeds": 50}, train={"max_epochs": 40}),
+                       name="busy.yaml")
     proc = subprocess.Popen(
         [sys.executable, "-m", "hpsearch.report", str(busy), "--results-dir", "res"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -185,9 +187,8 @@ def test_ctrl_c_during_seed_retrains_exits_130_with_one_line(study_run) -> None:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if line.startswith("report: retraining"):
-                break
-        time.sleep(3)  # the retrains are running
+            if line.startswith("report: seed retrain 1/"):
+                break  # the retrains are running: 99 are left
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
         started = time.monotonic()
         out, err = proc.communicate(timeout=60)

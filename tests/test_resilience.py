@@ -833,14 +833,15 @@ def report_mask(path):
 
 def test_ctrl_c_during_a_worker_start_is_neither_lost_nor_fatal(tmp_path: Path) -> None:
     """The parent has other threads; a Ctrl-C while a worker starts reaches the run's handler
-    once the start is over, not in the middle of it, and the spawned child starts with both
-    stop signals blocked (Python 3.11's resource tracker used to unblock them on its start)."""
+    exactly once, and the spawned child starts with both stop signals blocked (Python 3.11's
+    resource tracker used to unblock them on its start)."""
     (tmp_path / "heldchild.py").write_text(HELD_CHILD)
     mask_file = tmp_path / "mask.txt"
     proc = subprocess.run([sys.executable, "-c", HELD_START, str(mask_file)],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:2] == ["during []", f"after [{int(signal.SIGINT)}]"], \
-        proc.stdout
+    # The handler runs once: while the child starts (another thread took the signal) or
+    # right after (the starting thread had it blocked); never is it dropped.
+    assert proc.stdout.split("\n")[1] == f"after [{int(signal.SIGINT)}]", proc.stdout
     assert mask_file.read_text().split() == ["SIGINT", "SIGTERM"]

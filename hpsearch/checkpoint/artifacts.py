@@ -38,10 +38,21 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
 from hpsearch import attrs
-from hpsearch.checkpoint.study_best import read_best_meta
-from hpsearch.config import StudyConfig
-from hpsearch.files import TMP_PREFIX, file_lock
-from hpsearch.optuna_private import ARTIFACT_ATTR_PREFIX, ArtifactStore, storage_of, study_id
+from hpsearch.checkpoint.study_best import (
+    read_best_meta,
+    record_best,
+    record_config,
+    update_study_best,
+)
+from hpsearch.config import StudyConfig, load_config
+from hpsearch.files import TMP_PREFIX, file_lock, sha256_file
+from hpsearch.optuna_private import (
+    ARTIFACT_ATTR_PREFIX,
+    ArtifactStore,
+    storage_of,
+    study_id,
+    trial_id,
+)
 from hpsearch.results import ResultsLayout
 
 if TYPE_CHECKING:
@@ -156,7 +167,40 @@ def open_artifact_store(config: StudyConfig, results: ResultsLayout | Path
     return LinkingArtifactStore(folder)
 
 
+def fetch_artifact(store: ArtifactStore, artifact_id: str, dest: Path) -> bool:
+    """Download an artifact to the file ``dest`` (atomically); False when the store lacks it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        reader = store.open_reader(artifact_id)
+    except ArtifactNotFound:
+        return False
+    tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}"
+    try:
+        with contextlib.closing(reader), open(tmp, "wb") as f:
+            shutil.copyfileobj(reader, f)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 # ---------------------------------------------------------------- trials
+
+
+def register_trial_checkpoint(trial: optuna.Trial, artifact_id: str, path: Path) -> str:
+    """Make ``artifact_id``, already in the store (the trial's mirrored checkpoint), an
+    artifact of the still RUNNING ``trial``, as ``upload_artifact`` records one, without a
+    second copy.
+
+    Returns:
+        The artifact id, also the trial's ``checkpoint_artifact`` user attribute.
+    """
+    meta = ArtifactMeta(artifact_id, path.name, MIMETYPE, None)
+    storage_of(trial.study).set_trial_system_attr(
+        trial_id(trial), ARTIFACT_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
+    )
+    trial.set_user_attr(attrs.CHECKPOINT_ARTIFACT, artifact_id)
+    return artifact_id
 
 
 def publish_trial_checkpoint(store: ArtifactStore, trial: optuna.Trial, path: Path) -> str:
@@ -227,12 +271,21 @@ def _trial(study: optuna.Study, number: int) -> FrozenTrial:
     )
 
 
-def _best_source(study: optuna.Study, layout: ResultsLayout) -> tuple[FrozenTrial, Path] | None:
+def _best_source(study: optuna.Study, layout: ResultsLayout, record: dict[str, Any] | None
+                 ) -> tuple[FrozenTrial, Path] | None:
     """The study's best trial and a local file of its checkpoint (which may not exist).
 
-    Prefers ``best/``, hpsearch's own choice among equal values; falls back to Optuna's best
-    trial when ``best/`` is missing or behind it (another machine ran a better trial).
+    The storage's record decides where there is one (a shared store). Otherwise prefers
+    ``best/``, hpsearch's own choice among equal values; falls back to Optuna's best trial
+    when ``best/`` is missing or behind it (another machine ran a better trial).
     """
+    if record is not None:
+        trial = _trial(study, int(record["trial"]))
+        local = read_best_meta(layout)
+        if local is not None and local.get("trial") == trial.number:
+            return trial, layout.best.resolve() / "model.pt"
+        rel = trial.user_attrs.get(attrs.CHECKPOINT)
+        return trial, (layout.root / rel if rel else layout.best_model)
     try:
         best = study.best_trial
     except ValueError:
@@ -246,24 +299,38 @@ def _best_source(study: optuna.Study, layout: ResultsLayout) -> tuple[FrozenTria
 
 
 def publish_study_best(
-    store: ArtifactStore, study: optuna.Study, results: ResultsLayout | Path
+    store: ArtifactStore, study: optuna.Study, results: ResultsLayout | Path,
+    config: StudyConfig | None = None,
 ) -> str | None:
     """Point the study's best-checkpoint artifact at the current best trial's checkpoint.
 
     Idempotent and cheap: nothing is written when the artifact already holds that trial; the
     filesystem store links the file. Call it after the study best may have changed.
 
+    With a shared store the best is first decided in the storage (:func:`record_best`, with
+    the study file beside it), this node's ``best/`` catches up with it when another node
+    holds it, and the artifact follows the record.
+
     Args:
         store: The study's artifact store.
         study: The study.
-        results_dir: The study's results folder (``best/`` lives there).
+        results: The study's results folder (``best/`` lives there).
+        config: The study; read from the results folder's ``config.yaml`` when not given.
 
     Returns:
         The study best's artifact id, or None when there is no best checkpoint yet.
     """
     layout = ResultsLayout.at(results)
+    if config is None and layout.config_copy.is_file():
+        config = load_config(layout.config_copy)
     with file_lock(layout.lock("artifacts")):
-        source = _best_source(study, layout)
+        record = None
+        if config is not None and config.artifacts.shares_trials:
+            record_config(study, config)
+            record = record_best(study, config)
+            if record is not None:
+                _catch_up(store, layout, record, config)
+        source = _best_source(study, layout, record)
         if source is None:
             return None
         trial, path = source
@@ -283,6 +350,26 @@ def publish_study_best(
         study.set_user_attr(attrs.STUDY_BEST_ARTIFACT, artifact_id)
         study.set_user_attr(attrs.STUDY_BEST_TRIAL, trial.number)
         return artifact_id
+
+
+def _catch_up(store: ArtifactStore, layout: ResultsLayout, record: dict[str, Any],
+              config: StudyConfig) -> None:
+    """Bring the recorded best into this node's ``best/`` when another node ran it."""
+    local = read_best_meta(layout)
+    if local is not None and local.get("trial") == record["trial"]:
+        return
+    fetched = layout.best_stages / f"{TMP_PREFIX}fetched-{os.getpid()}.pt"
+    try:
+        if not fetch_artifact(store, str(record["artifact"]), fetched):
+            return  # retired meanwhile: a better record follows
+        if sha256_file(fetched) != record.get("sha256"):
+            warnings.warn(f"the stored study best {record['artifact']} differs from its "
+                          "recorded sha256; best/ keeps the local best", stacklevel=3)
+            return
+        meta = {k: v for k, v in record.items() if k not in ("artifact", "sha256")}
+        update_study_best(layout, fetched, meta, config.minimize)
+    finally:
+        fetched.unlink(missing_ok=True)
 
 
 def _copy_into(store: ArtifactStore, artifact_id: str, path: Path, source_id: Any) -> bool:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpsearch.errors import CheckpointError
+from hpsearch.checkpoint.shared import fetch_best, open_recorded
+from hpsearch.errors import CheckpointError, UsageError
 from hpsearch.files import read_json
 from hpsearch.results import MANIFEST, ResultsLayout, is_study_file, locate
 
@@ -41,6 +45,29 @@ def resolve_checkpoint(path: str | Path, results_root: str | Path = "results") -
     return path
 
 
+@contextlib.contextmanager
+def checkpoint_file(path: str | Path | None, results_root: str | Path = "results",
+                    storage: str | None = None, study: str | None = None) -> Iterator[Path]:
+    """The checkpoint a user names, as a local file for as long as the context lasts.
+
+    Either ``path`` (see :func:`resolve_checkpoint`), or ``storage`` (and ``study``): the
+    study best the storage records, fetched from the study's shared store into a temporary
+    folder (see :mod:`hpsearch.checkpoint.shared`).
+
+    Raises:
+        CheckpointError: Nothing to load there.
+        UsageError: Neither (or both) given, or the storage or study cannot be opened.
+    """
+    if (path is None) == (storage is None):
+        raise UsageError("name one checkpoint: a results folder, study file or checkpoint "
+                         "file, or storage= (with study=) for the study best it records")
+    if path is not None:
+        yield resolve_checkpoint(path, results_root)
+        return
+    with tempfile.TemporaryDirectory(prefix="hpsearch-best-") as folder:
+        yield fetch_best(open_recorded(str(storage), study), Path(folder))
+
+
 def check_map_location(map_location: Any) -> None:
     """Refuse a CUDA ``map_location`` this machine cannot honour, saying why."""
     if map_location is None or callable(map_location) or isinstance(map_location, dict):
@@ -62,14 +89,18 @@ def check_map_location(map_location: Any) -> None:
                               f"device(s) (cuda:0 to cuda:{count - 1})")
 
 
-def load_checkpoint(path: str | Path, map_location: Any = None,
-                    results_root: str | Path = "results") -> dict[str, Any]:
+def load_checkpoint(path: str | Path | None = None, map_location: Any = None,
+                    results_root: str | Path = "results", *, storage: str | None = None,
+                    study: str | None = None) -> dict[str, Any]:
     """Load a checkpoint (weights and metadata), checking its recorded sha256.
 
     Args:
         path: A checkpoint file, a study's results folder (loads its best), or a study file.
         map_location: As for ``torch.load``.
         results_root: Where a study file's results are (the run's ``--results-dir``).
+        storage: Instead of ``path``: a storage URL, to load the study best it records from
+            the study's shared store (any machine; no results folder needed).
+        study: With ``storage``: the study's name (needed when the storage holds several).
 
     Returns:
         The checkpoint dict: ``model_state_dict`` plus metadata.
@@ -79,7 +110,11 @@ def load_checkpoint(path: str | Path, map_location: Any = None,
             ``map_location`` names a CUDA device this machine does not have.
     """
     check_map_location(map_location)
-    file = resolve_checkpoint(path, results_root)
+    with checkpoint_file(path, results_root, storage, study) as file:
+        return _load_file(file, map_location)
+
+
+def _load_file(file: Path, map_location: Any) -> dict[str, Any]:
     expected = _manifest_sha(file)
     try:
         data = file.read_bytes()

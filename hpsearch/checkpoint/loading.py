@@ -12,15 +12,19 @@ from hpsearch.errors import CheckpointError
 from hpsearch.models import build_model
 
 
-def load_model(path: str | Path, map_location: Any = None,
-               results_root: str | Path = "results") -> nn.Module:
+def load_model(path: str | Path | None = None, map_location: Any = None,
+               results_root: str | Path = "results", *, storage: str | None = None,
+               study: str | None = None) -> nn.Module:
     """Rebuild the model of any hpsearch checkpoint file, in eval mode, with its weights.
+
+    ``path`` and ``storage``/``study`` name the checkpoint as for ``load_checkpoint``.
 
     Raises:
         CheckpointError: The file is missing or corrupt, or the model factory it records
             cannot be imported here (the message names the module and how to fix that).
     """
-    ckpt = load_checkpoint(path, map_location=map_location, results_root=results_root)
+    ckpt = load_checkpoint(path, map_location=map_location, results_root=results_root,
+                           storage=storage, study=study)
     meta = ckpt["model"]
     try:
         model = build_model(
@@ -39,17 +43,23 @@ def load_model(path: str | Path, map_location: Any = None,
     return model.eval()
 
 
-def load_best_model(path: str | Path, map_location: Any = None,
-                    results_root: str | Path = "results") -> nn.Module:
+def load_best_model(path: str | Path | None = None, map_location: Any = None,
+                    results_root: str | Path = "results", *, storage: str | None = None,
+                    study: str | None = None) -> nn.Module:
     """The study-best model, rebuilt, in eval mode.
 
     Args:
         path: A study's results folder (``results/<study>``) or its study file.
         map_location: Device for the weights, as for ``torch.load``.
         results_root: Where a study file's results are (the run's ``--results-dir``).
+        storage: Instead of ``path``, from any machine: the study's storage URL; the study
+            best it records is fetched from the study's shared store.
+        study: With ``storage``: the study's name (needed when the storage holds several).
 
     Raises:
         CheckpointError: No study best yet, its file is missing or corrupt, or its model
             factory's module cannot be imported here.
+        UsageError: The storage or the study cannot be opened, or it has no shared store.
     """
-    return load_model(path, map_location=map_location, results_root=results_root)
+    return load_model(path, map_location=map_location, results_root=results_root,
+                      storage=storage, study=study)

@@ -9,6 +9,13 @@ keeps naming a file after the file is deleted. The study records each deletion i
 parallel workers never overwrite each other), before the files go, whatever artifact store is
 configured; :func:`retired_checkpoints` reads it back for everything that shows or reads a
 trial's ``checkpoint``.
+
+With a shared store the files are in the store too, where any node deletes them: a trial may
+have run on a node that has stopped since. Each worker's retention therefore also deletes,
+from the store, every finished trial's files that fell out (whichever node ran it), and
+records it (``hpsearch:store_cleared:<trial number>``) so other nodes skip it. A trial that
+falls out never comes back, so a node that has not seen every trial yet deletes nothing that
+the whole study keeps.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import attrs
+from hpsearch.checkpoint.artifacts import retire_trial_checkpoint
+from hpsearch.checkpoint.mirror import TrialMirror
 from hpsearch.checkpoint.trial_files import TrialFiles
 from hpsearch.config import StudyConfig
 from hpsearch.files import atomic_write_json, file_lock
-from hpsearch.optuna_private import storage_of, study_id
+from hpsearch.optuna_private import ArtifactStore, storage_of, study_id
 from hpsearch.ranking import architecture_of, complete_value, pruned_value, rank_key
 from hpsearch.results import ResultsLayout
 from hpsearch.storage.trials import TrialIndex
@@ -79,8 +88,14 @@ class Retention:
     of trials pays per finished trial, not per trial in the study.
     """
 
-    def __init__(self, config: StudyConfig) -> None:
+    def __init__(self, config: StudyConfig, store: ArtifactStore | None = None) -> None:
         self.config = config
+        # Only a shared store holds trials' files (else it holds kept checkpoints, retired
+        # one by one by the caller).
+        self.store = store if config.artifacts.shares_trials else None
+        self._stored: dict[int, FrozenTrial] = {}
+        """Finished trials whose files may still be in the shared store."""
+        self._cleared: set[int] | None = None
         # Its own index: ``update`` hands each newly finished trial to one reader only.
         self.index = TrialIndex()
         self._top: list[Row] = []
@@ -134,6 +149,9 @@ class Retention:
             holders.add(finished)
             for t in self.index.update(study.get_trials(deepcopy=False)):
                 self._take(t)
+                if (self.store is not None and attrs.STORE_KEY in t.user_attrs
+                        and t.state != TrialState.FAIL):
+                    self._stored[t.number] = t
             kept = self.kept()
             deleted = []
             for number in sorted(holders):
@@ -149,7 +167,32 @@ class Retention:
                 holders.discard(number)
                 deleted.append(number)
             atomic_write_json(holders_path, sorted(holders), durable=False)
+            if self.store is not None:
+                self._clear_store(study, self.store, kept)
         return deleted
+
+    def _clear_store(self, study: optuna.Study, store: ArtifactStore, kept: set[int]) -> None:
+        """Delete from the shared store the files of every finished trial no longer kept.
+
+        Failed trials are not among them: a retry adopts a killed trial's files, and a trial
+        that failed on an error deleted its own.
+        """
+        storage, sid = storage_of(study), study_id(study)
+        if self._cleared is None:
+            self._cleared = cleared_from_store(storage, sid)
+        for number, trial in sorted(self._stored.items()):
+            if number in kept:
+                continue
+            if number not in self._cleared:
+                _record_retired(study, trial)
+                retire_trial_checkpoint(store, study, trial)
+                mirror = TrialMirror.of(store, trial)
+                if mirror is not None:
+                    mirror.remove_all()
+                storage.set_study_system_attr(
+                    sid, attrs.STORE_CLEARED_PREFIX + str(number), True)
+                self._cleared.add(number)
+            del self._stored[number]
 
 
 def _record_retired(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -172,6 +215,15 @@ def retired_checkpoints(storage: BaseStorage, study_number: int) -> set[int]:
         int(key.removeprefix(attrs.RETIRED_CHECKPOINT_PREFIX))
         for key in storage.get_study_system_attrs(study_number)
         if key.startswith(attrs.RETIRED_CHECKPOINT_PREFIX)
+    }
+
+
+def cleared_from_store(storage: BaseStorage, study_number: int) -> set[int]:
+    """Trials whose files retention deleted from the shared store."""
+    return {
+        int(key.removeprefix(attrs.STORE_CLEARED_PREFIX))
+        for key in storage.get_study_system_attrs(study_number)
+        if key.startswith(attrs.STORE_CLEARED_PREFIX)
     }
 
 

@@ -4,6 +4,13 @@
 swapped with one ``os.replace`` under a lock, so readers see the old pair or the new pair,
 never a mix, and two workers finishing together never leave the worse trial. "Better" is the
 one ranking rule (:mod:`hpsearch.ranking`): a tie goes to the earlier trial.
+
+With a shared store (``artifacts.shared``) nodes have no folder in common, so the study best
+is also decided through the storage: the ``hpsearch:best`` study system attribute holds
+``meta.json``'s record plus the id of the best trial's checkpoint in the store
+(:func:`record_best`), beside the study file (``hpsearch:config``) that says where the store
+is. The record is one storage write, and every writer reads the study again after writing
+and repairs a stale record, so the last writer always leaves the better trial.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -29,8 +36,16 @@ from hpsearch.files import (
     sha256_file,
     write_error,
 )
+from hpsearch.optuna_private import storage_of, study_id
 from hpsearch.ranking import best_trial, ranks_before
 from hpsearch.results import ResultsLayout
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+RECORD_TRIES = 5
+"""Rounds of write-then-check in :func:`record_best`; each round lost means a better trial
+was recorded meanwhile, which cannot go on for long."""
 
 
 def read_best_meta(results: ResultsLayout | Path) -> dict[str, Any] | None:
@@ -141,3 +156,54 @@ def reconcile_best(study: optuna.Study, layout: ResultsLayout, config: StudyConf
     return offer_best(layout, best, config)
 
 
+
+
+# ---------------------------------------------------------------- the best, in the storage
+
+
+def read_best_record(storage: BaseStorage, study_number: int) -> dict[str, Any] | None:
+    """The study best as the storage records it (shared stores), or None.
+
+    Args:
+        storage: The study's storage.
+        study_number: The study's id in it.
+    """
+    record = storage.get_study_system_attrs(study_number).get(attrs.STUDY_BEST_RECORD)
+    return dict(record) if isinstance(record, dict) else None
+
+
+def record_config(study: optuna.Study, config: StudyConfig) -> None:
+    """Record the study file in the storage (once), so any machine finds the store."""
+    storage, sid = storage_of(study), study_id(study)
+    resolved = config.as_study_dict()
+    # Its reader already knows the URL, and it may hold a password.
+    resolved["study"]["storage"] = None
+    if storage.get_study_system_attrs(sid).get(attrs.STUDY_CONFIG) != resolved:
+        storage.set_study_system_attr(sid, attrs.STUDY_CONFIG, resolved)
+
+
+def record_best(study: optuna.Study, config: StudyConfig) -> dict[str, Any] | None:
+    """Point the storage's study best at the best COMPLETE trial with a stored checkpoint.
+
+    Two nodes finishing at once may each record what they saw; each reads the study again
+    after its write and repairs a record that is not the best, so the record never stays on
+    the worse trial.
+
+    Returns:
+        The record now stored, or None when no trial qualifies yet.
+    """
+    storage, sid = storage_of(study), study_id(study)
+    current = read_best_record(storage, sid)
+    for _ in range(RECORD_TRIES):
+        best = best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                          config.minimize)
+        artifact = best.user_attrs.get(attrs.CHECKPOINT_ARTIFACT) if best else None
+        if best is None or not artifact:
+            return current  # its own worker records it once its checkpoint is stored
+        if current is not None and current.get("trial") == best.number:
+            return current
+        record = {**best_meta(best, config), "artifact": artifact,
+                  "sha256": best.user_attrs.get(attrs.CHECKPOINT_SHA256)}
+        storage.set_study_system_attr(sid, attrs.STUDY_BEST_RECORD, record)
+        current = read_best_record(storage, sid)
+    return current

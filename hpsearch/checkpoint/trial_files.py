@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hpsearch.checkpoint.mirror import TrialMirror
 from hpsearch.files import atomic_torch_save, atomic_write_json
 from hpsearch.results import MANIFEST, RESUME_STATE
 
@@ -72,11 +73,14 @@ class TrialFiles:
     """A trial's folder: checkpoints, the resume state and the manifest saying which is which.
 
     Only the background writer thread mutates files (besides ``last.pt``'s deletion at trial
-    end, after a flush), so the manifest needs no lock.
+    end, after a flush), so the manifest needs no lock. With a ``mirror`` (a shared store),
+    every checkpoint and the manifest are written to the store too, and deleted from it.
     """
 
-    def __init__(self, folder: Path, monitor: str, mode: str, keep_top_k: int) -> None:
+    def __init__(self, folder: Path, monitor: str, mode: str, keep_top_k: int,
+                 mirror: TrialMirror | None = None) -> None:
         self.folder = folder
+        self.mirror = mirror
         self.monitor, self.mode, self.keep_top_k = monitor, mode, keep_top_k
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
@@ -96,6 +100,8 @@ class TrialFiles:
                 "files": {n: vars(e) for n, e in sorted(self.entries.items())},
             },
         )
+        if self.mirror is not None:
+            self.mirror.put(self.folder / MANIFEST)
 
     def save(self, name: str, obj: Any, kind: str, epoch: int, value: float) -> None:
         """Write one checkpoint, record it, and drop best files beyond the top-k."""
@@ -108,6 +114,14 @@ class TrialFiles:
             if kind == "best":
                 self._rotate()
             self._write_manifest()
+            if self.mirror is not None and name in self.entries:
+                self._put(name)
+
+    def _put(self, name: str) -> None:
+        """Write a checkpoint to the store, after a manifest that names it: so the store
+        never holds a file that no manifest names (and that nothing would delete)."""
+        assert self.mirror is not None
+        self.mirror.put(self.folder / name)
 
     def _rotate(self) -> None:
         bests = [(n, e) for n, e in self.entries.items() if e.kind == "best"]
@@ -119,6 +133,8 @@ class TrialFiles:
     def _remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.folder / name).unlink()
+        if self.mirror is not None:
+            self.mirror.remove(name)
         self.entries.pop(name, None)
 
     def best(self) -> tuple[str, Entry] | None:
@@ -139,17 +155,22 @@ class TrialFiles:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            adopted = []
             for name, entry in other.entries.items():
                 src = other.folder / name
                 if src.exists():
                     os.replace(src, self.folder / name)
                     self.entries[name] = entry
+                    adopted.append(name)
             for orphan in other.folder.glob("*.pt"):
                 if orphan.name != RESUME_STATE:  # the resumed state, moved by the caller
                     orphan.unlink(missing_ok=True)
             other.entries.clear()
             other._write_manifest()
             self._write_manifest()
+            if self.mirror is not None:
+                for name in adopted:
+                    self._put(name)
 
     def forget_after(self, epoch: int) -> None:
         """Delete checkpoints of epochs after ``epoch``: a resumed trial trains them again
@@ -168,4 +189,6 @@ class TrialFiles:
                 self._remove(name)
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / RESUME_STATE).unlink()
+            if self.mirror is not None:
+                self.mirror.remove(RESUME_STATE)
             self._write_manifest()

@@ -1,4 +1,5 @@
-"""``python -m hpsearch.report <study file | results folder> [--results-dir DIR] [--no-seeds]``
+"""``python -m hpsearch.report <study file | results folder> [--results-dir DIR] [--no-seeds]``,
+or ``python -m hpsearch.report --storage URL [--study NAME]`` from a machine that ran no trial
 
 Rebuilds a study's report from its storage and checkpoints, at any time, also while the study
 is still running. Bad arguments exit 2 with one ``error:`` line; a file that cannot be written
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 import optuna
 
 from hpsearch import ranking
-from hpsearch.errors import EXIT_OK, EXIT_SIGNAL, Interrupted, run_cli
+from hpsearch.checkpoint.shared import open_recorded
+from hpsearch.errors import EXIT_OK, EXIT_SIGNAL, Interrupted, UsageError, run_cli
 from hpsearch.report.build import build_report
 from hpsearch.report.data import fmt_num, load_call
 from hpsearch.results import DEFAULT_ROOT, REPORT_FILES, ResultsLayout
@@ -29,11 +31,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Rebuild a study's report from its storage and checkpoints; works while "
         "the study is still running.",
     )
-    p.add_argument("study", help="the study's YAML file, or its results folder")
+    p.add_argument("study", nargs="?",
+                   help="the study's YAML file, or its results folder (none with --storage)")
     p.add_argument(
         "--results-dir", default=DEFAULT_ROOT,
-        help=f"results root when given a study file (default: {DEFAULT_ROOT}/)",
+        help=f"results root when given a study file or --storage (default: {DEFAULT_ROOT}/)",
     )
+    p.add_argument("--storage", help="open the study from its storage URL alone (a run with "
+                   "a shared artifact store), e.g. on a machine that ran no trial")
+    p.add_argument("--study", dest="study_name",
+                   help="with --storage: the study's name, when the storage holds several")
     p.add_argument("--no-seeds", action="store_true", help="skip the seed retrains")
     return p
 
@@ -61,7 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rebuild(args: argparse.Namespace, files: _ReportFiles) -> int:
-    config, layout, study = open_study(args.study, args.results_dir)
+    if args.storage:
+        if args.study:
+            raise UsageError("give a study file or results folder, or --storage, not both")
+        # The study file and the shared store come from what the run recorded in the storage;
+        # the report (and the data it scores with) goes to this machine's results folder.
+        recorded = open_recorded(args.storage, args.study_name)
+        config, study = recorded.config, recorded.study
+        layout = ResultsLayout.of(config, args.results_dir)
+        layout.root.mkdir(parents=True, exist_ok=True)
+    elif args.study:
+        config, layout, study = open_study(args.study, args.results_dir)
+    else:
+        raise UsageError("give a study file or results folder, or --storage URL")
     if args.no_seeds:
         config = config.model_copy(
             update={"report": config.report.model_copy(update={"seeds": 0})}

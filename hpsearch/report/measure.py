@@ -6,7 +6,8 @@ Retrains run in parallel, one per device slot of the run: each device has its ow
 processes, each pinned to that device (and to the slot's torch threads) for its whole life, so
 no process ever builds a CUDA context on a second GPU. Results arrive as they finish, and a
 Ctrl-C in the main thread stops them at once (the pools' processes are killed and the
-interrupt propagates).
+interrupt propagates). On a Dask cluster (``resources.scheduler``) each retrain runs in a
+fresh process on the Dask worker of the slot it was dealt, killed the same way on a stop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import os
 import signal
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
@@ -28,9 +29,10 @@ import torch
 from joblib.externals.loky.backend.context import get_context as loky_context
 from optuna.trial import FrozenTrial
 
-from hpsearch import attrs, objective, ranking
 from hpsearch import data as data_mod
+from hpsearch import objective, ranking
 from hpsearch.checkpoint.loading import load_model
+from hpsearch.checkpoint.shared import kept_checkpoint
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceBatches
 from hpsearch.evaluation import study_evaluator
@@ -88,22 +90,22 @@ def score_checkpoints(
     layout: ResultsLayout, bests: Mapping[str, FrozenTrial], dataset: data_mod.Dataset,
     config: StudyConfig,
 ) -> dict[str, float]:
-    """Test metric of each architecture's best checkpoint (those still on disk), with the
-    study's metric and loss."""
+    """Test metric of each architecture's best checkpoint (those still kept: on this node's
+    disk, or fetched from a shared store), with the study's metric and loss."""
     test = DeviceBatches(dataset, "test", torch.device("cpu"), in_memory=True)
     scores = {}
     for arch, trial in bests.items():
-        relative = trial.user_attrs.get(attrs.CHECKPOINT)
-        if not relative or not (layout.root / relative).exists():
+        path = kept_checkpoint(config, trial, layout)
+        if path is None:
             continue
         params = from_params(trial.params, config)
         if config.objective:
             # Only the user's objective knows its metrics: it scores the loaded checkpoint.
             scores[arch] = objective.score_checkpoint(
-                config, layout.root / relative, params, dataset, torch.device("cpu"),
+                config, path, params, dataset, torch.device("cpu"),
             )[on_split(config.study.metric, "test")]
             continue
-        model = load_model(layout.root / relative, map_location="cpu")
+        model = load_model(path, map_location="cpu")
         evaluator = study_evaluator(config, dataset.task, params.loss)
         scores[arch] = evaluator(model, test)[base_of(config.study.metric)]
     return scores
@@ -164,7 +166,9 @@ def seed_retrains(
     report(f"report: retraining each architecture's best with {n} seeds on "
            f"{min(len(slots), len(jobs))} slots")
     out: dict[str, dict[int, float]] = {arch: {} for arch in bests}
-    results = _start_retrains(config, bests, jobs, slots, cache_dir)
+    # Slots on a Dask cluster retrain there, each on its own Dask worker.
+    start = _cluster_retrains if any(s.address for s in slots) else _start_retrains
+    results = start(config, bests, jobs, slots, cache_dir)
     try:
         for done, result in enumerate(results, start=1):
             out[result.architecture][result.seed] = result.value
@@ -229,6 +233,45 @@ def _start_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
             proc.join()
+
+
+def _cluster_retrains(config: StudyConfig, bests: Mapping[str, FrozenTrial],
+                      jobs: list[tuple[str, int]], slots: list[Slot],
+                      cache_dir: Path) -> Generator[_Retrain, None, None]:
+    """The retrains on the Dask workers of ``slots``, one fresh process per retrain; results
+    as they finish. Closing the generator kills the ones still running."""
+    from hpsearch.workers import dask_cluster  # only a run on a cluster imports Dask
+
+    assert config.resources.scheduler is not None
+    # Slots that share a device share it only on their own Dask worker.
+    sharing = Counter((s.address, s.device) for s in slots)
+    # The cache path is the parent's: a Dask worker on another host builds the data itself.
+    work = [(config, arch, dict(bests[arch].params), seed, str(cache_dir), sharing)
+            for arch, seed in jobs]
+    results = dask_cluster.run_jobs(config.resources.scheduler, slots, _retrain_job, work)
+    try:
+        for (_, arch, _, seed, _, _), outcome in results:
+            if outcome[0] != "ok":
+                raise RuntimeError(f"the seed retrain of {arch} (seed {seed}) "
+                                   f"{'failed' if outcome[0] == 'error' else 'died'}: "
+                                   + "\n".join(str(x) for x in outcome[1:]))
+            yield outcome[1]
+    finally:
+        results.close()
+
+
+def _retrain_job(config: StudyConfig, arch: str, params: dict[str, Any], seed: int,
+                 cache_dir: str, sharing: Counter[tuple[str | None, str]], slot: Slot,
+                 conn: Connection) -> None:
+    """One retrain in a fresh process on a Dask worker: pin the slot, train, send the result."""
+    try:
+        _pin(slot.device, slot.threads)
+        outcome: tuple[Any, ...] = ("ok", _retrain(config, arch, params, seed, slot.device,
+                                                   sharing[(slot.address, slot.device)],
+                                                   cache_dir))
+    except Exception as err:  # reported to the parent, which raises it
+        outcome = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
+    conn.send(outcome)
 
 
 def _retrain_process(conn: Connection, device: str, threads: int, slots_on_device: int) -> None:

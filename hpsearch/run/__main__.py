@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="override resources.devices: auto, cpu, or cuda:0,cuda:1")
     p.add_argument("--storage", help="override study.storage (an Optuna storage URL or path)")
     p.add_argument("--timeout", type=float, help="override study.timeout (seconds)")
+    p.add_argument("--scheduler", help="override resources.scheduler: run the workers on the "
+                   "Dask cluster of this scheduler (tcp://host:8786)")
     p.add_argument("--results-dir", default="results", help="output root (default: results/)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     return p
@@ -37,7 +39,7 @@ def overrides(args: argparse.Namespace) -> Overrides:
     """The flags that replace the study file's values."""
     return Overrides(n_trials=args.n_trials, workers=args.workers, devices=args.devices,
                      storage=args.storage, timeout=args.timeout,
-                     report=False if args.no_report else None)
+                     report=False if args.no_report else None, scheduler=args.scheduler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

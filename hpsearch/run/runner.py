@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -40,6 +41,7 @@ from hpsearch.samplers import build_pruner, build_sampler
 from hpsearch.space import to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
+from hpsearch.storage.study_lock import study_lock
 from hpsearch.storage.trials import counted
 from hpsearch.workers.slots import Slot, plan_slots, start_method
 from hpsearch.workers.supervisor import Supervisor
@@ -100,8 +102,19 @@ def run_config(
 
 def _run(config: StudyConfig, results_root: str | Path, source: str, printer: Printer,
          handle_signals: bool, command: str | None) -> RunOutcome:
+    """The run, connected to its Dask cluster when ``resources.scheduler`` names one."""
+    cluster = connect_cluster(config, source)
+    try:
+        return _steps(config, results_root, source, printer, handle_signals, command, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _steps(config: StudyConfig, results_root: str | Path, source: str, printer: Printer,
+           handle_signals: bool, command: str | None, cluster: Any) -> RunOutcome:
     """The run's steps, in order."""
-    slots = check_strategy(config, source)
+    slots = check_strategy(config, source, cluster)
     layout = ResultsLayout.of(config, results_root)
     dataset = load_dataset(config, source, layout)
     log = prepare_folder(config, layout, dataset)
@@ -116,12 +129,12 @@ def _run(config: StudyConfig, results_root: str | Path, source: str, printer: Pr
     heal(study, layout, config, event)
 
     deadline = time.time() + config.study.timeout if config.study.timeout else None
-    sup = Supervisor(config, layout, url, slots, deadline=deadline, on_event=event,
-                     dataset=dataset, prior_trials=len(study.get_trials(deepcopy=False)))
+    sup = make_supervisor(config, layout, url, slots, cluster, deadline=deadline,
+                          on_event=event, dataset=dataset,
+                          prior_trials=len(study.get_trials(deepcopy=False)))
     if config.logging.tensorboard:
         event(f"tensorboard: tensorboard --logdir {layout.trials}")
-    event(f"{len(slots)} worker(s), {sup.start_method}ed: "
-          + ", ".join(f"{s.device} ({s.threads} thread{'s' * (s.threads > 1)})" for s in slots))
+    event(workers_line(slots, sup.start_method, config.resources.scheduler))
     stop = StopSignals(on_first=sup.request_stop, on_second=sup.kill_all, enabled=handle_signals)
     with stop:
         try:
@@ -147,9 +160,42 @@ def _run(config: StudyConfig, results_root: str | Path, source: str, printer: Pr
 # ---------------------------------------------------------------- before anything is written
 
 
-def check_strategy(config: StudyConfig, source: str) -> list[Slot]:
-    """Build the sampler and pruner once, and plan the slots, so bad arguments fail before
-    any work. Returns the slots."""
+def connect_cluster(config: StudyConfig, source: str) -> Any:
+    """The Dask client of ``resources.scheduler`` (None on one machine), before any work."""
+    if config.resources.scheduler is None:
+        return None
+    # Imported only here: a run on one machine neither needs Dask nor pays for importing it.
+    from hpsearch.workers import dask_cluster
+
+    return dask_cluster.connect(config.resources.scheduler, source)
+
+
+def make_supervisor(config: StudyConfig, layout: ResultsLayout, url: str, slots: list[Slot],
+                    cluster: Any, **options: Any) -> Supervisor:
+    """The local supervisor, or its Dask counterpart for a run on a cluster."""
+    if cluster is None:
+        return Supervisor(config, layout, url, slots, **options)
+    from hpsearch.workers import dask_cluster
+
+    return dask_cluster.DaskSupervisor(config, layout, url, slots, client=cluster, **options)
+
+
+def workers_line(slots: list[Slot], started: str, scheduler: str | None) -> str:
+    """The line that says where the workers run."""
+    def threads(s: Slot) -> str:
+        return f"{s.threads} thread{'s' * (s.threads > 1)}"
+
+    if scheduler is None:
+        return f"{len(slots)} worker(s), {started}ed: " + ", ".join(
+            f"{s.device} ({threads(s)})" for s in slots)
+    hosts = len({s.address for s in slots})
+    return (f"{len(slots)} worker(s) on {hosts} Dask worker(s) of {scheduler}: "
+            + ", ".join(f"{s.device} ({threads(s)}) on {s.address}" for s in slots))
+
+
+def check_strategy(config: StudyConfig, source: str, cluster: Any = None) -> list[Slot]:
+    """Build the sampler and pruner once, and plan the slots (on the Dask ``cluster``'s
+    workers when given), so bad arguments fail before any work. Returns the slots."""
     for key, build in (("study.sampler", lambda: build_sampler(config.study.sampler)),
                        ("study.pruner", lambda: build_pruner(config.study.pruner))):
         try:
@@ -157,12 +203,17 @@ def check_strategy(config: StudyConfig, source: str) -> list[Slot]:
         except Exception as err:  # whatever Optuna raises for bad arguments is the user's
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(source, key, f"{type(err).__name__}: {first}") from None
-    slots = plan_slots(config.resources)
-    check_devices(slots, source)
-    try:
-        start_method(config.resources, slots)
-    except ValueError as err:
-        raise ConfigError(source, "resources.start_method", str(err)) from None
+    if cluster is not None:
+        from hpsearch.workers import dask_cluster
+
+        slots = dask_cluster.plan_cluster_slots(cluster, config.resources)
+    else:
+        slots = plan_slots(config.resources)
+        check_devices(slots, source)
+        try:
+            start_method(config.resources, slots)
+        except ValueError as err:
+            raise ConfigError(source, "resources.start_method", str(err)) from None
     cpus = sorted({s.device for s in slots if not s.device.startswith("cuda")})
     if config.train.precision == "16" and cpus:
         raise ConfigError(source, "train.precision", f"16 (float16 with a GradScaler) needs "
@@ -259,16 +310,18 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
     if study.direction.name.lower() != config.study.direction:
         raise ConfigError(source, "study.direction", f"the stored study {config.study.name!r} "
                           f"is {study.direction.name.lower()}; it cannot change")
-    if not study.user_attrs.get(attrs.STUDY_ENQUEUED):
-        for params in config.study.enqueue:
-            study.enqueue_trial(to_optuna_names(params, config), skip_if_exists=True)
-        study.set_user_attr(attrs.STUDY_ENQUEUED, True)
-        study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
-    trials = study.get_trials(deepcopy=False)
-    for architecture in exploration_order(config, explored(trials),
-                                          config.study.n_trials - counted(trials)):
-        # Partial parameters: the sampler samples the rest of the trial.
-        study.enqueue_trial({attrs.ARCHITECTURE: architecture})
+    # Under the study lock: nodes starting at once must not each queue the planned trials.
+    with study_lock(study, url)():
+        if not study.user_attrs.get(attrs.STUDY_ENQUEUED):
+            for params in config.study.enqueue:
+                study.enqueue_trial(to_optuna_names(params, config), skip_if_exists=True)
+            study.set_user_attr(attrs.STUDY_ENQUEUED, True)
+            study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
+        trials = study.get_trials(deepcopy=False)
+        for architecture in exploration_order(config, explored(trials),
+                                              config.study.n_trials - counted(trials)):
+            # Partial parameters: the sampler samples the rest of the trial.
+            study.enqueue_trial({attrs.ARCHITECTURE: architecture})
     return study
 
 

@@ -21,6 +21,10 @@ class Slot:
     index: int
     device: str
     threads: int
+    address: str | None = None
+    """The Dask worker this slot runs on (``resources.scheduler``); None: this machine."""
+    host: str | None = None
+    """That Dask worker's host name, for messages."""
 
 
 def visible_devices(devices: Any) -> list[str]:

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _SlotState:
+class SlotState:
     slot: Slot
     process: BaseProcess | None = None
     outcome: Connection | None = None
@@ -63,11 +62,11 @@ def stop_signals_held(spawn: bool = True) -> Iterator[None]:
     inherits that mask through fork and exec; the child ignores them before it unblocks them
     (``ignore_stop_signals``), which also discards one that came meanwhile.
 
-    The parent keeps a handler installed the whole time. Ignoring them here instead would
-    lose a Ctrl-C: the kernel hands a process-wide signal to any thread that does not block
-    it (the progress or heartbeat thread), and an ignored signal is dropped there. A signal
-    that arrives now is recorded and raised again once the child is started, so the run's
-    own handler never runs in the middle of a start.
+    The parent's handlers stay as they are: ignoring the signals here instead would lose a
+    Ctrl-C, because the kernel hands a process-wide signal to any thread that does not block
+    it (the progress or heartbeat thread) and an ignored one is dropped there. So the run's
+    handler may run while the child starts: the run's first-signal handler only asks for a
+    stop, and the report's retrains, whose handler raises, record a process before starting it.
 
     ``spawn``: the child is a fresh interpreter. Python 3.11's resource tracker, which a
     spawn starts on first use, unblocks both signals when it launches (later Pythons restore
@@ -75,23 +74,14 @@ def stop_signals_held(spawn: bool = True) -> Iterator[None]:
     """
     if spawn:
         resource_tracker.ensure_running()
-    deferred: list[int] = []
-    handlers: dict[int, Any] = {}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, lambda signum, _frame: deferred.append(signum))
-                        for sig in STOP_SIGNALS}
         yield
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for signum in deferred:
-            signal.raise_signal(signum)
 
 
-def _exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
@@ -116,13 +106,13 @@ class Supervisor:
     """Trials the study had when the run started (see ``WorkerSpec.prior_trials``)."""
     dataset: data_mod.Dataset | None = None
     """The parent's loaded dataset: forked workers share it instead of reading the cache."""
-    states: list[_SlotState] = field(default_factory=list)
+    states: list[SlotState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.states = [_SlotState(s) for s in self.slots]
+        self.states = [SlotState(s) for s in self.slots]
         self.start_method = start_method(self.config.resources, self.slots)
 
-    def _spec(self, st: _SlotState) -> WorkerSpec:
+    def _spec(self, st: SlotState) -> WorkerSpec:
         return WorkerSpec(
             config=self.config,
             results_dir=str(self.layout.root),
@@ -140,7 +130,7 @@ class Supervisor:
         for st in self.states:
             self._launch(st)
 
-    def _launch(self, st: _SlotState) -> None:
+    def _launch(self, st: SlotState) -> None:
         self.layout.status_file(st.slot.index).unlink(missing_ok=True)
         forked = self.start_method == "fork"
         # loky's spawn does not re-run the caller's __main__ (a script without a main guard).
@@ -173,7 +163,7 @@ class Supervisor:
         else:
             time.sleep(timeout)
 
-    def _result(self, st: _SlotState) -> tuple[Any, ...] | None:
+    def _result(self, st: SlotState) -> tuple[Any, ...] | None:
         assert st.outcome is not None
         try:
             return st.outcome.recv() if st.outcome.poll() else None
@@ -194,20 +184,25 @@ class Supervisor:
             assert st.process is not None
             result = self._result(st)
             st.process.join()
-            if result is not None and result[0] == "done":
-                st.finished = True
-            elif result is not None and result[0] == REPLACE:
-                self._replace(st, result[1], restart=not stopping)
-                running = running or not st.finished
-            elif result is not None:
-                st.finished, st.error = True, result[1]
-                self.on_event(f"worker on slot {st.slot.index} stopped with an error: {st.error}")
-            else:
-                self._handle_death(st, _exit_reason(st.process.exitcode), restart=not stopping)
-                running = running or not st.finished
+            self._settle(st, result, exit_reason(st.process.exitcode), stopping)
+            running = running or not st.finished
         return running
 
-    def _replace(self, st: _SlotState, reason: str, restart: bool) -> None:
+    def _settle(self, st: SlotState, result: tuple[Any, ...] | None, death: str,
+                stopping: bool, relaunch: bool = True) -> None:
+        """A worker ended: done, to be replaced, with an error, or dead (``result`` None,
+        ``death`` why). ``relaunch``: whether its slot can start a new worker."""
+        if result is not None and result[0] == "done":
+            st.finished = True
+        elif result is not None and result[0] == REPLACE:
+            self._replace(st, result[1], restart=not stopping and relaunch)
+        elif result is not None:
+            st.finished, st.error = True, result[1]
+            self.on_event(f"worker on slot {st.slot.index} stopped with an error: {st.error}")
+        else:
+            self._handle_death(st, death, restart=not stopping, relaunch=relaunch)
+
+    def _replace(self, st: SlotState, reason: str, restart: bool) -> None:
         """A worker ended because its CUDA context broke; its trial is already recorded.
 
         Not a death: each replacement follows a failed trial, so the budget bounds them.
@@ -220,7 +215,8 @@ class Supervisor:
         st.generation += 1
         self._launch(st)
 
-    def _handle_death(self, st: _SlotState, reason: str, restart: bool) -> None:
+    def _handle_death(self, st: SlotState, reason: str, restart: bool,
+                      relaunch: bool = True) -> None:
         if not restart:
             # A worker killed during a stop (a second Ctrl-C, the stop timeout) is part of
             # the stop, not a crash.
@@ -248,13 +244,14 @@ class Supervisor:
         elif restart:
             self.on_event(f"worker on slot {st.slot.index} ({st.slot.device}) died: {reason}")
         st.deaths += 1
-        if restart and st.deaths <= self.max_deaths_per_slot:
+        if restart and relaunch and st.deaths <= self.max_deaths_per_slot:
             st.generation += 1
             self._launch(st)
         else:
             st.finished = True
             if restart:
-                st.error = f"slot {st.slot.index} died {st.deaths} times; not restarted"
+                st.error = (f"slot {st.slot.index} died {st.deaths} times; not restarted"
+                            if relaunch else f"slot {st.slot.index} is gone: {reason}")
                 self.on_event(st.error)
 
     def _read_status(self, index: int) -> dict[str, Any] | None:

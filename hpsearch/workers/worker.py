@@ -12,6 +12,7 @@ the trial the worker ends and asks its parent for a fresh process on the slot.
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import json
 import os
@@ -40,15 +41,16 @@ from hpsearch.checkpoint.retention import Retention, discard_resume_state
 from hpsearch.checkpoint.study_best import offer_best
 from hpsearch.config import StudyConfig
 from hpsearch.errors import Interrupted
-from hpsearch.files import atomic_write_json, file_lock
+from hpsearch.files import atomic_write_json
 from hpsearch.objective import run_objective_trial
-from hpsearch.optuna_private import ArtifactStore, frozen, record_heartbeat, storage_of, tell
+from hpsearch.optuna_private import ArtifactStore, frozen, tell
 from hpsearch.pruning import build_study_pruner
 from hpsearch.results import ResultsLayout
 from hpsearch.samplers import build_sampler
 from hpsearch.space import sample
 from hpsearch.storage.backends import open_storage
-from hpsearch.storage.liveness import HOST, write_heartbeat
+from hpsearch.storage.liveness import HOST, record_storage_heartbeat, write_heartbeat
+from hpsearch.storage.study_lock import StudyLock, study_lock
 from hpsearch.storage.trials import TrialIndex, fail_trial
 from hpsearch.train import NonFiniteError, TrialEnv, run_trial
 from hpsearch.workers.slots import Slot
@@ -118,21 +120,20 @@ def sampler_seed_offset(spec: WorkerSpec) -> int:
 
 
 class _Heartbeat(threading.Thread):
-    """Refreshes the running trial's heartbeat and exits the process if the parent dies."""
+    """Refreshes the running trial's heartbeats (this node's file and the storage's) and exits
+    the process if the parent dies."""
 
     def __init__(self, spec: WorkerSpec, storage: optuna.storages.BaseStorage) -> None:
         super().__init__(daemon=True, name="hpsearch-heartbeat")
         self.spec, self.storage = spec, storage
         self.trial: optuna.Trial | None = None
-        self.rdb = isinstance(storage, optuna.storages.RDBStorage)
 
     def beat(self) -> None:
         trial = self.trial
         if trial is None:
             return
         write_heartbeat(ResultsLayout(Path(self.spec.results_dir)), trial.number)
-        if self.rdb:
-            record_heartbeat(self.storage, trial)
+        record_storage_heartbeat(self.storage, trial)
 
     def run(self) -> None:
         last = 0.0
@@ -180,33 +181,69 @@ class _Claims:
     """A worker's view of the budget, kept up to date incrementally."""
 
     index: TrialIndex
+    lock: StudyLock
+    """The study lock, shared with every node on the storage (``storage/study_lock.py``)."""
     first_failures_checked: bool = False
 
 
+class _NoTrial(enum.Enum):
+    DONE = "done"
+    """The budget is used by finished trials, or the run stops, or it is failing."""
+    WAIT = "wait"
+    """The budget is used, but by running trials: one may be another node's that died, and
+    its retry needs a worker."""
+
+
+CLAIM_POLL_S = 1.0
+
+
 def _claim(study: optuna.Study, cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
-           stop: _StopCheck, claims: _Claims) -> optuna.Trial | None:
-    """Ask for the next trial unless the budget is used, the run stops, or it is failing."""
-    with file_lock(paths.lock("claim")):
-        if not stop.may_start():
+           stop: _StopCheck, claims: _Claims, heartbeat: _Heartbeat) -> optuna.Trial | None:
+    """The next trial to train, or None when the worker is done."""
+    while True:
+        got = _try_claim(study, cfg, paths, spec, stop, claims, heartbeat)
+        if got is _NoTrial.DONE:
             return None
-        if isinstance(storage_of(study), optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(study)
+        if got is not _NoTrial.WAIT:
+            return got
+        time.sleep(CLAIM_POLL_S)
+
+
+def _try_claim(study: optuna.Study, cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
+               stop: _StopCheck, claims: _Claims, heartbeat: _Heartbeat
+               ) -> optuna.Trial | _NoTrial:
+    """Ask for the next trial unless the budget is used, the run stops, or it is failing.
+
+    Under the study lock, so that every node's claims together start exactly ``n_trials``:
+    count, ask, and beat the new trial's first heartbeat (no other node sees it RUNNING
+    without one).
+    """
+    with claims.lock():
+        if not stop.may_start():
+            return _NoTrial.DONE
         trials = study.get_trials(deepcopy=False)
         index = claims.index
         index.update(trials)
         # Only unfinished trials can be WAITING, and those all come after index.settled.
-        waiting = any(t.state == TrialState.WAITING for t in trials[index.settled:])
-        if not waiting and index.counted(trials) >= cfg.study.n_trials:
-            return None
+        waiting = sum(t.state == TrialState.WAITING for t in trials[index.settled:])
+        # A queued trial (a retry, a planned architecture) is counted already; it may start
+        # as long as the trials that started leave it room.
+        if index.counted(trials) - waiting >= cfg.study.n_trials:
+            running = any(t.state == TrialState.RUNNING for t in trials[index.settled:])
+            return _NoTrial.WAIT if running else _NoTrial.DONE
         if not claims.first_failures_checked:
             settled, abort = _first_failures(cfg, paths, spec, index)
             if abort:
-                return None
+                return _NoTrial.DONE
             claims.first_failures_checked = settled
         with warnings.catch_warnings():
             # Optuna warns that RDB heartbeats are meant for optimize(); ours beat them by hand.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return study.ask()
+            trial = study.ask()
+        heartbeat.trial = trial
+        with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
+            heartbeat.beat()
+        return trial
 
 
 def _first_failures(cfg: StudyConfig, paths: ResultsLayout, spec: WorkerSpec,
@@ -293,6 +330,8 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
     if in_memory:
         dataset = data_mod.to_device(dataset, device)
     worker_name = f"{HOST}:{os.getpid()}"
+    if spec.slot.address:  # a slot on a Dask cluster: name the Dask worker too
+        worker_name += f" (dask worker {spec.slot.address})"
     store = open_artifact_store(cfg, paths)
     stop = _StopCheck(paths, spec.deadline)
     status_path = paths.status_file(spec.slot.index)
@@ -305,16 +344,15 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             durable=False,
         )
 
-    claims, retention = _Claims(TrialIndex()), Retention(cfg)
+    claims = _Claims(TrialIndex(), study_lock(study, spec.storage))
+    retention = Retention(cfg, store)  # a shared store: deletes there too
     done = 0
     broken: str | None = None
     status(state="idle", trial=None)
     while True:
-        trial = _claim(study, cfg, paths, spec, stop, claims)
+        trial = _claim(study, cfg, paths, spec, stop, claims, heartbeat)
         if trial is None:
             break
-        heartbeat.trial = trial
-        heartbeat.beat()
         status(state="training", trial=trial.number, epoch=None, value=None)
         log = _TrialLog(paths.train_log(trial.number))
         env = TrialEnv(
@@ -332,11 +370,17 @@ def worker_main(spec: WorkerSpec, dataset: data_mod.Dataset | None = None) -> di
             on_checkpoint_kept=(
                 None if store is None else lambda t, p: publish_trial_checkpoint(store, t, p)
             ),
+            store=store,  # a shared store: the trial's files are mirrored there
         )
         try:
             ended = _run_one(study, trial, env, log, retention, store)
         except Interrupted:
             break
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another node found this trial's heartbeat stale (this node went silent beyond
+            # grace_period) and failed it; its retry trains it instead.
+            log("ABANDONED: another node failed this trial as stale; its retry resumes it")
+            ended = _Ended(exhausted=False)
         finally:
             heartbeat.trial = None
             paths.heartbeat(trial.number).unlink(missing_ok=True)
@@ -415,7 +459,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, env: TrialEnv,
         if offer_best(layout, frozen(trial), cfg):
             log("new study best")
             if store is not None:
-                publish_study_best(store, study, layout)
+                publish_study_best(store, study, layout, cfg)  # shared: decided in the storage
     deleted = retention.apply(study, layout, trial.number)
     if store is not None:
         for number in deleted:
