@@ -229,8 +229,13 @@ def _try_claim(study: optuna.Study, cfg: StudyConfig, paths: ResultsLayout, spec
         # A queued trial (a retry, a planned architecture) is counted already; it may start
         # as long as the trials that started leave it room.
         if index.counted(trials) - waiting >= cfg.study.n_trials:
-            running = any(t.state == TrialState.RUNNING for t in trials[index.settled:])
-            return _NoTrial.WAIT if running else _NoTrial.DONE
+            # A trial of this run (its heartbeat file is in this results folder) needs no
+            # waiting worker: if its worker dies, the parent starts a replacement for the
+            # retry. Waiting is for another node's trial, and would cost the end of every
+            # run up to a poll interval.
+            others = any(t.state == TrialState.RUNNING and not paths.heartbeat(t.number).exists()
+                         for t in trials[index.settled:])
+            return _NoTrial.WAIT if others else _NoTrial.DONE
         if not claims.first_failures_checked:
             settled, abort = _first_failures(cfg, paths, spec, index)
             if abort:
