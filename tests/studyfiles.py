@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -101,3 +104,14 @@ def open_results(results: Path, name: str | None = None) -> optuna.Study:
     """The study a run left in ``results``, from its journal file (name: the folder's)."""
     storage = JournalStorage(JournalFileBackend(str(results / "journal.log")))
     return optuna.load_study(study_name=name or results.name, storage=storage)
+
+
+def user_module(folder: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                source: str) -> Iterator[Path]:
+    """Make ``folder/<name>.py`` importable for one test (a fresh import each time); yields
+    ``folder``. For fixtures: ``yield from user_module(...)``."""
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop(name, None)
+    yield folder
+    sys.modules.pop(name, None)

@@ -16,7 +16,7 @@ import optuna
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from studyfiles import REGRESSION, TINY, open_results, write_study
+from studyfiles import REGRESSION, TINY, open_results, user_module, write_study
 
 from hpsearch import evaluation
 from hpsearch.callbacks import TrialEvent
@@ -104,11 +104,7 @@ USER_CODE = textwrap.dedent(
 
 @pytest.fixture()
 def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "usercode.py").write_text(USER_CODE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("usercode", None)
-    yield tmp_path
-    sys.modules.pop("usercode", None)
+    yield from user_module(tmp_path, monkeypatch, "usercode", USER_CODE)
 
 
 @pytest.fixture(scope="module")

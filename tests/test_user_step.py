@@ -16,7 +16,7 @@ import optuna
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from studyfiles import TINY, open_results, write_study
+from studyfiles import TINY, open_results, user_module, write_study
 
 from hpsearch.checkpoint.loading import load_model
 from hpsearch.config import parse_config
@@ -184,11 +184,7 @@ USER_CODE = textwrap.dedent(
 
 @pytest.fixture()
 def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "stepcode.py").write_text(USER_CODE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("stepcode", None)
-    yield tmp_path
-    sys.modules.pop("stepcode", None)
+    yield from user_module(tmp_path, monkeypatch, "stepcode", USER_CODE)
 
 
 @pytest.fixture(scope="module")
