@@ -148,14 +148,15 @@ class Node:
     """One ``python -m hpsearch.run`` process with its own results folder (its own session,
     as on its own machine)."""
 
-    def __init__(self, cwd: Path, study_file: Path, storage: str, label: str) -> None:
+    def __init__(self, cwd: Path, study_file: Path, storage: str, label: str,
+                 **env: str) -> None:
         self.cwd, self.label = cwd, label
         self.log_path = cwd / f"{label}.out"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hpsearch.run", str(study_file), "--storage", storage,
              "--results-dir", label, "--no-report"],
-            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ),
+            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
             start_new_session=True,
         )
 
@@ -185,14 +186,19 @@ class Node:
             self.proc.wait()
 
 
-def wait_for(condition: Callable[[], T | None], timeout: float, what: str) -> T:
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str,
+             node: Node | None = None) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
         if found:
             return found
+        if node is not None and node.proc.poll() is not None:
+            pytest.fail(f"{node.label} exited ({node.proc.returncode}) while waiting for "
+                        f"{what}:\n{node.output()}")
         time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}"
+                + (f"; {node.label} printed:\n{node.output()}" if node else ""))
 
 
 def elsewhere(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -419,24 +425,45 @@ def test_two_nodes_share_checkpoints_and_best_through_the_bucket(
         assert reader.read(2)
 
 
+HOLD_AT = 3
+HOLD = """
+import os
+import time
+
+
+def hold(event):
+    if (event.kind == "epoch"
+            and str(event.epoch) == os.environ.get("HPSEARCH_TEST_HOLD_AT_EPOCH")):
+        time.sleep(600)
+"""
+
+
 def test_a_trial_killed_on_one_node_resumes_on_another_from_its_last_epoch(
         tmp_path: Path, s3_endpoint: str, bucket: str, pg_study: tuple[str, str]) -> None:
     url, name = pg_study
+    # Node A's trial holds at epoch HOLD (a user callback), so the kill lands mid-trial
+    # however fast the epochs are; node B, without the variable, trains straight through.
+    (tmp_path / "epochhold.py").write_text(HOLD)
     raw = node_study(name, s3_endpoint, bucket, study={"name": name, "n_trials": 1,
-                                                     "grace_period": 3})
+                                                     "grace_period": 3},
+                     callbacks=["epochhold:hold"])
     study_file = write_study(tmp_path, raw)
-    node_a = Node(tmp_path, study_file, url, "node-a")
+    node_a = Node(tmp_path, study_file, url, "node-a", HPSEARCH_TEST_HOLD_AT_EPOCH=str(HOLD_AT))
     status_file = node_a.results(name) / ".hpsearch" / "workers" / "slot-0.json"
 
-    def mid_trial() -> dict[str, Any] | None:
+    def held() -> dict[str, Any] | None:
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             status = json.loads(status_file.read_text())
-            if status.get("state") == "training" and 2 <= (status.get("epoch") or -1) <= 4:
+            if status.get("state") == "training" and status.get("epoch") == HOLD_AT:
                 return status
         return None
 
+    def resume_state_stored() -> bool:
+        return any(k.endswith(f".{RESUME_STATE}") for k in bucket_keys(s3_endpoint, bucket))
+
     try:
-        status = wait_for(mid_trial, 120, "node A mid-trial")
+        status = wait_for(held, 120, "node A mid-trial", node_a)
+        wait_for(resume_state_stored, 60, "node A's resume state in the bucket", node_a)
         # The whole node goes: its run and its worker.
         node_a.proc.send_signal(signal.SIGKILL)
         os.kill(int(status["pid"]), signal.SIGKILL)
