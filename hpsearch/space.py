@@ -11,9 +11,11 @@ receive bare names. Literal values in the study file are recorded but not sugges
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 
 from hpsearch.attrs import ARCHITECTURE
@@ -71,6 +73,60 @@ def sample(trial: optuna.trial.BaseTrial, config: StudyConfig) -> TrialParams:
     arguments = config.train.loss.arguments if config.train.loss is not None else {}
     loss = {key: _suggest(trial, LOSS_PARAM_PREFIX + key, v) for key, v in arguments.items()}
     return TrialParams(architecture=architecture, model=model, train=train, loss=loss)
+
+
+def searched(config: StudyConfig, architecture: str) -> dict[str, FloatDist | IntDist |
+                                                         CategoricalDist]:
+    """The distributions one architecture's trials are sampled from, by Optuna name (its own
+    parameters, the searched training keys and loss arguments; literals left out)."""
+    spec = config.model.architecture[architecture]
+    arguments = config.train.loss.arguments if config.train.loss is not None else {}
+    named = {
+        **{optuna_name(architecture, k): v for k, v in spec.params.items()},
+        **{k: getattr(config.train, k) for k in SEARCHABLE_TRAIN_KEYS},
+        **{LOSS_PARAM_PREFIX + k: v for k, v in arguments.items()},
+    }
+    return {k: v for k, v in named.items() if isinstance(v, FloatDist | IntDist | CategoricalDist)}
+
+
+def _from_unit(dist: FloatDist | IntDist | CategoricalDist, u: float) -> Any:
+    """The value at quantile ``u`` in [0, 1) of a distribution, uniform on its scale."""
+    if isinstance(dist, CategoricalDist):
+        return dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+    if isinstance(dist, IntDist):
+        if dist.log:
+            value = math.floor(math.exp(math.log(dist.low)
+                                        + u * (math.log(dist.high + 1) - math.log(dist.low))))
+        else:
+            value = dist.low + dist.step * math.floor(u * ((dist.high - dist.low) // dist.step + 1))
+        return int(min(max(value, dist.low), dist.high))
+    if dist.log:
+        return math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
+    if dist.step is not None:
+        steps = math.floor((dist.high - dist.low) / dist.step + 1e-9)
+        return dist.low + dist.step * min(math.floor(u * (steps + 1)), steps)
+    return dist.low + u * (dist.high - dist.low)
+
+
+def design(config: StudyConfig, architecture: str, size: int, seed: int | None
+           ) -> list[dict[str, Any]]:
+    """``size`` points of a Latin hypercube over an architecture's searched parameters, in
+    Optuna names, the architecture included.
+
+    Each parameter's range is cut into ``size`` equal parts (on its own scale: log ranges in
+    log) and every part holds one point, so a handful of exploration trials never leaves, say,
+    the good learning rates untried, as independent draws can.
+    """
+    dists = searched(config, architecture)
+    # One stream per architecture, fixed by the seed: a rerun that tops an architecture up
+    # takes the next points of the same design.
+    index = list(config.model.architecture).index(architecture)
+    rng = np.random.default_rng(None if seed is None else [seed, index])
+    columns = [(rng.permutation(size) + rng.random(size)) / size for _ in dists]
+    return [{ARCHITECTURE: architecture,
+             **{name: _from_unit(dist, float(column[i]))
+                for (name, dist), column in zip(dists.items(), columns)}}
+            for i in range(size)]
 
 
 def to_optuna_names(params: dict[str, Any], config: StudyConfig) -> dict[str, Any]:

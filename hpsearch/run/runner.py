@@ -38,7 +38,7 @@ from hpsearch.results import ResultsLayout, save_config_copy
 from hpsearch.run.progress import Printer, snapshot, summary
 from hpsearch.run.signals import StopSignals
 from hpsearch.samplers import build_pruner, build_sampler
-from hpsearch.space import to_optuna_names
+from hpsearch.space import design, to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
 from hpsearch.storage.study_lock import study_lock
@@ -318,10 +318,11 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
             study.set_user_attr(attrs.STUDY_ENQUEUED, True)
             study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
         trials = study.get_trials(deepcopy=False)
-        for architecture in exploration_order(config, explored(trials),
+        have = explored(trials)
+        for architecture in exploration_order(config, have,
                                               config.study.n_trials - counted(trials)):
-            # Partial parameters: the sampler samples the rest of the trial.
-            study.enqueue_trial({attrs.ARCHITECTURE: architecture})
+            study.enqueue_trial(exploration_point(config, architecture, have[architecture]))
+            have[architecture] += 1
     return study
 
 
@@ -350,6 +351,17 @@ def exploration_order(config: StudyConfig, have: Counter[str], budget: int) -> l
                 have[arch] += 1
                 order.append(arch)
     return order
+
+
+def exploration_point(config: StudyConfig, architecture: str, index: int) -> dict[str, Any]:
+    """The parameters of an architecture's ``index``-th exploration trial: a point of a Latin
+    hypercube over its space (``space.design``), seeded by the sampler's seed. A QMC sampler
+    spreads its points itself, so it gets the architecture only, as every sampler did before:
+    Optuna's enqueue takes partial parameters and the sampler samples the rest."""
+    if config.study.sampler.name == "qmc":
+        return {attrs.ARCHITECTURE: architecture}
+    need = config.study.min_trials_per_architecture
+    return design(config, architecture, need, config.study.sampler.seed)[index]
 
 
 def heal(study: optuna.Study, layout: ResultsLayout, config: StudyConfig, event: Event) -> None:
