@@ -10,14 +10,11 @@ boto3 reads them), and the record names the best checkpoint and its sha256.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage
-from optuna.storages.journal import JournalRedisBackend, JournalStorage
 from optuna.trial import FrozenTrial
 
 from hpsearch import attrs
@@ -29,7 +26,7 @@ from hpsearch.errors import CheckpointError, ConfigError, UsageError
 from hpsearch.files import atomic_write_json, sha256_file
 from hpsearch.optuna_private import ArtifactStore, storage_of, study_id
 from hpsearch.results import ResultsLayout
-from hpsearch.storage.backends import is_journal_file, is_rdb, journal_path, open_journal
+from hpsearch.storage.backends import open_url
 
 
 @dataclass
@@ -56,20 +53,6 @@ class RecordedStudy:
         return record
 
 
-def _open_url(url: str) -> BaseStorage:
-    """The storage at ``url``, for reading a study that exists (nothing is created)."""
-    if url.startswith(("redis://", "rediss://")):
-        return JournalStorage(JournalRedisBackend(url))
-    if is_rdb(url):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, skip_table_creation=True)
-    path = journal_path(url)
-    if is_journal_file(url) and not path.is_file():
-        raise UsageError(f"{url}: no such journal file")
-    return open_journal(path)
-
-
 def open_recorded(url: str, study_name: str | None = None) -> RecordedStudy:
     """Open a study from its storage URL: its recorded study file and shared store.
 
@@ -82,7 +65,7 @@ def open_recorded(url: str, study_name: str | None = None) -> RecordedStudy:
             needed), or the study recorded no shared store (its run had none).
     """
     try:
-        storage = _open_url(url)
+        storage = open_url(url)
         names = [s.study_name for s in storage.get_all_studies()]
     except UsageError:
         raise

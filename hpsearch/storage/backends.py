@@ -67,6 +67,25 @@ def _open_storage(url: str, config: StudyConfig) -> optuna.storages.BaseStorage:
     return open_journal(path)
 
 
+def open_url(url: str) -> optuna.storages.BaseStorage:
+    """The storage at ``url``, for reading a study that exists, without its study file
+    (nothing is created; a journal file must exist).
+
+    Raises:
+        UsageError: The journal file does not exist.
+    """
+    if url.startswith(("redis://", "rediss://")):
+        return JournalStorage(JournalRedisBackend(url))
+    if is_rdb(url):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    path = journal_path(url)
+    if is_journal_file(url) and not path.is_file():
+        raise UsageError(f"{url}: no such journal file")
+    return open_journal(path)
+
+
 def open_journal(path: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockJournalLock(str(path))))
 
