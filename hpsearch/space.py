@@ -7,6 +7,8 @@ by the architecture (``gru.hidden``), so two architectures that both call a para
 ``batch_size``, ...) are shared by every architecture and keep their names. Model factories
 receive bare names. Literal values in the study file are recorded but not suggested. The
 ``train.loss`` arguments that are searched are the Optuna parameters ``loss.<argument>``.
+An architecture's exploration trials are the points of a Latin hypercube over its space
+(:func:`design`).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def _from_unit(dist: FloatDist | IntDist | CategoricalDist, u: float) -> Any:
         return math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
     if dist.step is not None:
         steps = math.floor((dist.high - dist.low) / dist.step + 1e-9)
-        return dist.low + dist.step * min(math.floor(u * (steps + 1)), steps)
+        # Rounded, so that 0.1 * 3 is the grid's 0.3 and not 0.30000000000000004.
+        return round(dist.low + dist.step * min(math.floor(u * (steps + 1)), steps), 12)
     return dist.low + u * (dist.high - dist.low)
 
 

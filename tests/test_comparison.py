@@ -3,6 +3,7 @@ explored, and each architecture's parameters under their own Optuna names."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -12,11 +13,12 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
-from studyfiles import open_results, tiny, write_study
+from studyfiles import derive, open_results, tiny, write_study
 
 from hpsearch.config import parse_config
 from hpsearch.pruning import WithinArchitecture, build_study_pruner
-from hpsearch.run.runner import exploration_order
+from hpsearch.run.runner import exploration_order, exploration_point
+from hpsearch.space import design, from_params
 
 ARCH = CategoricalDistribution(["cnn", "gru"])
 
@@ -111,6 +113,43 @@ def test_exploration_order_is_round_robin_within_the_budget() -> None:
     assert exploration_order(config, Counter({"linear": 2, "mlp": 1}), 10) == ["mlp", "cnn1d",
                                                                              "cnn1d"]
     assert exploration_order(config, Counter(), 0) == []
+
+
+def _quarter(value: float, low: float, high: float) -> int:
+    """Which quarter of [low, high] on a log scale holds ``value``."""
+    return min(int(4 * math.log(value / low) / math.log(high / low)), 3)
+
+
+def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
+    """Four exploration trials of an architecture put one value in each quarter of every
+    range (on its own scale), where four independent draws leave some quarter empty nine
+    times in ten; the seed fixes them, and each architecture has its own."""
+    raw = tiny(study={"min_trials_per_architecture": 4, "sampler": {"name": "tpe", "seed": 3}},
+               model={"architecture": {
+                   "linear": {},
+                   "mlp": {"hidden": {"type": "int", "low": 4, "high": 64, "log": True},
+                           "dropout": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.1},
+                           "depth": {"type": "categorical", "choices": [1, 2, 3, 4]}}}},
+               train={"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                      "batch_size": {"type": "int", "low": 8, "high": 64, "step": 8}})
+    config = parse_config(raw, "s")
+    points = [exploration_point(config, "mlp", i) for i in range(4)]
+    assert points == design(config, "mlp", 4, 3)
+    assert sorted(_quarter(p["lr"], 1e-4, 1e-1) for p in points) == [0, 1, 2, 3]
+    assert sorted(_quarter(p["mlp.hidden"], 4, 65) for p in points) == [0, 1, 2, 3]
+    assert sorted(p["mlp.depth"] for p in points) == [1, 2, 3, 4]
+    assert len({p["batch_size"] for p in points}) == 4
+    assert all(p["mlp.dropout"] in (0.0, 0.1, 0.2, 0.3, 0.4) for p in points)
+    for p in points:  # each point is a valid trial of the space, bare names for the factory
+        params = from_params(p, config)
+        assert params.architecture == "mlp" and set(params.model) == {"hidden", "dropout",
+                                                                       "depth"}
+    # The seed fixes the design; the other architecture draws its own.
+    assert design(config, "mlp", 4, 3) != design(config, "mlp", 4, 4)
+    assert [p["lr"] for p in design(config, "linear", 4, 3)] != [p["lr"] for p in points]
+    # A QMC sampler spreads its points itself: it is left the architecture only.
+    qmc = parse_config(derive(raw, study={"sampler": {"name": "qmc", "seed": 3}}), "s")
+    assert exploration_point(qmc, "mlp", 0) == {"architecture": "mlp"}
 
 
 @pytest.mark.slow
