@@ -40,3 +40,4 @@ RETIRED_CHECKPOINT_PREFIX = "hpsearch:retired_checkpoint:"  # + trial number: it
 STUDY_CONFIG = "hpsearch:config"  # a shared store: the study file, so any machine finds it
 STUDY_BEST_RECORD = "hpsearch:best"  # a shared store: the study best, decided here
 STORE_CLEARED_PREFIX = "hpsearch:store_cleared:"  # + trial number: its stored files gone
+EXPLORATION_SEED = "hpsearch:exploration_seed"  # an unseeded study's design, drawn once

@@ -111,7 +111,7 @@ def _from_unit(dist: FloatDist | IntDist | CategoricalDist, u: float) -> Any:
     return dist.low + u * (dist.high - dist.low)
 
 
-def design(config: StudyConfig, architecture: str, size: int, seed: int | None
+def design(config: StudyConfig, architecture: str, size: int, seed: int
            ) -> list[dict[str, Any]]:
     """``size`` points of a Latin hypercube over an architecture's searched parameters, in
     Optuna names, the architecture included.
@@ -124,7 +124,7 @@ def design(config: StudyConfig, architecture: str, size: int, seed: int | None
     # One stream per architecture, fixed by the seed: a rerun that tops an architecture up
     # takes the next points of the same design.
     index = list(config.model.architecture).index(architecture)
-    rng = np.random.default_rng(None if seed is None else [seed, index])
+    rng = np.random.default_rng([seed, index])
     columns = [(rng.permutation(size) + rng.random(size)) / size for _ in dists]
     return [{ARCHITECTURE: architecture,
              **{name: _from_unit(dist, float(column[i]))

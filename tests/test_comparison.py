@@ -133,7 +133,7 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
                train={"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
                       "batch_size": {"type": "int", "low": 8, "high": 64, "step": 8}})
     config = parse_config(raw, "s")
-    points = [exploration_point(config, "mlp", i) for i in range(4)]
+    points = [exploration_point(config, "mlp", i, 3) for i in range(4)]
     assert points == design(config, "mlp", 4, 3)
     assert sorted(_quarter(p["lr"], 1e-4, 1e-1) for p in points) == [0, 1, 2, 3]
     assert sorted(_quarter(p["mlp.hidden"], 4, 65) for p in points) == [0, 1, 2, 3]
@@ -149,7 +149,29 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     assert [p["lr"] for p in design(config, "linear", 4, 3)] != [p["lr"] for p in points]
     # A QMC sampler spreads its points itself: it is left the architecture only.
     qmc = parse_config(derive(raw, study={"sampler": {"name": "qmc", "seed": 3}}), "s")
-    assert exploration_point(qmc, "mlp", 0) == {"architecture": "mlp"}
+    assert exploration_point(qmc, "mlp", 0, 3) == {"architecture": "mlp"}
+
+
+def test_an_unseeded_study_keeps_one_design_across_reruns(tmp_path: Path) -> None:
+    """Without a sampler seed the design's seed is drawn once and kept in the study, so a
+    rerun that tops the architectures up fills the quarters the first run left."""
+    from hpsearch.optuna_private import planned_params
+    from hpsearch.run.runner import open_run_study
+
+    url = str(tmp_path / "journal.log")
+    lr = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
+    firsts = []
+    for n_trials in (4, 8):  # 2 of each architecture's 4, then the other 2
+        raw = tiny(study={"name": "unseeded", "n_trials": n_trials,
+                          "min_trials_per_architecture": 4, "sampler": {"name": "tpe"}},
+                   model={"architecture": {"linear": {}, "mlp": {}}}, train={"lr": lr})
+        study = open_run_study(parse_config(raw, "s"), url, "s")
+        planned = [planned_params(t) for t in study.get_trials(deepcopy=False)]
+        firsts.append(planned)
+    assert len(firsts[0]) == 4 and firsts[1][:4] == firsts[0]
+    for arch in ("linear", "mlp"):
+        lrs = [p["lr"] for p in firsts[1] if p["architecture"] == arch]
+        assert sorted(_quarter(v, 1e-4, 1e-1) for v in lrs) == [0, 1, 2, 3], lrs
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from hpsearch.checkpoint.study_best import reconcile_best
 from hpsearch.config import StudyConfig, task_problem
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, ConfigError, HpsearchError, Interrupted
 from hpsearch.files import atomic_torch_save, clean_stale_temporaries
-from hpsearch.optuna_private import planned_params
+from hpsearch.optuna_private import planned_params, storage_of, study_id
 from hpsearch.pruning import build_study_pruner
 from hpsearch.report import build_report
 from hpsearch.results import ResultsLayout, save_config_copy
@@ -319,11 +320,26 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
             study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
         trials = study.get_trials(deepcopy=False)
         have = explored(trials)
-        for architecture in exploration_order(config, have,
-                                              config.study.n_trials - counted(trials)):
-            study.enqueue_trial(exploration_point(config, architecture, have[architecture]))
+        order = exploration_order(config, have, config.study.n_trials - counted(trials))
+        seed = exploration_seed(study, config) if order else None
+        for architecture in order:
+            study.enqueue_trial(exploration_point(config, architecture, have[architecture],
+                                                  seed))
             have[architecture] += 1
     return study
+
+
+def exploration_seed(study: optuna.Study, config: StudyConfig) -> int:
+    """The seed of the exploration design: the sampler's, or one drawn for an unseeded study
+    and kept in it, so that a rerun topping an architecture up continues the same design."""
+    if config.study.sampler.seed is not None:
+        return config.study.sampler.seed
+    storage, sid = storage_of(study), study_id(study)
+    seed = storage.get_study_system_attrs(sid).get(attrs.EXPLORATION_SEED)
+    if seed is None:
+        seed = secrets.randbits(32)
+        storage.set_study_system_attr(sid, attrs.EXPLORATION_SEED, seed)
+    return int(seed)
 
 
 def explored(trials: list[FrozenTrial]) -> Counter[str]:
@@ -353,15 +369,16 @@ def exploration_order(config: StudyConfig, have: Counter[str], budget: int) -> l
     return order
 
 
-def exploration_point(config: StudyConfig, architecture: str, index: int) -> dict[str, Any]:
+def exploration_point(config: StudyConfig, architecture: str, index: int, seed: int
+                      ) -> dict[str, Any]:
     """The parameters of an architecture's ``index``-th exploration trial: a point of a Latin
-    hypercube over its space (``space.design``), seeded by the sampler's seed. A QMC sampler
-    spreads its points itself, so it gets the architecture only, as every sampler did before:
-    Optuna's enqueue takes partial parameters and the sampler samples the rest."""
+    hypercube over its space (``space.design``). A QMC sampler spreads its points itself, so
+    it gets the architecture only: Optuna's enqueue takes partial parameters and the sampler
+    samples the rest."""
     if config.study.sampler.name == "qmc":
         return {attrs.ARCHITECTURE: architecture}
     need = config.study.min_trials_per_architecture
-    return design(config, architecture, need, config.study.sampler.seed)[index]
+    return design(config, architecture, need, seed)[index]
 
 
 def heal(study: optuna.Study, layout: ResultsLayout, config: StudyConfig, event: Event) -> None:
