@@ -160,17 +160,17 @@ def test_an_unseeded_study_keeps_one_design_across_reruns(tmp_path: Path) -> Non
 
     url = str(tmp_path / "journal.log")
     lr = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
-    firsts = []
+    runs = []
     for n_trials in (4, 8):  # 2 of each architecture's 4, then the other 2
         raw = tiny(study={"name": "unseeded", "n_trials": n_trials,
                           "min_trials_per_architecture": 4, "sampler": {"name": "tpe"}},
                    model={"architecture": {"linear": {}, "mlp": {}}}, train={"lr": lr})
         study = open_run_study(parse_config(raw, "s"), url, "s")
         planned = [planned_params(t) for t in study.get_trials(deepcopy=False)]
-        firsts.append(planned)
-    assert len(firsts[0]) == 4 and firsts[1][:4] == firsts[0]
+        runs.append(planned)
+    assert len(runs[0]) == 4 and runs[1][:4] == runs[0]
     for arch in ("linear", "mlp"):
-        lrs = [p["lr"] for p in firsts[1] if p["architecture"] == arch]
+        lrs = [p["lr"] for p in runs[1] if p["architecture"] == arch]
         assert sorted(_quarter(v, 1e-4, 1e-1) for v in lrs) == [0, 1, 2, 3], lrs
 
 
