@@ -101,8 +101,13 @@ def check_packages(name: str, kind: str) -> None:
 TPE_DEFAULTS = {"multivariate": True, "group": True, "constant_liar": True}
 
 
-def build_sampler(cfg: SamplerOptions, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+def build_sampler(cfg: SamplerOptions, seed_offset: int = 0, startup_trials: int = 0
+                  ) -> optuna.samplers.BaseSampler:
     """Build the sampler; ``seed_offset`` keeps parallel workers from drawing the same points.
+
+    ``startup_trials``: trials the study queues to explore before the sampler's turn. They
+    are TPE's start-up, so its own random start-up (``n_startup_trials``, Optuna's 10) defaults
+    to that many instead of drawing more random trials after them.
 
     Raises:
         TypeError/ValueError: The study file gave arguments the sampler does not take, or a
@@ -111,7 +116,8 @@ def build_sampler(cfg: SamplerOptions, seed_offset: int = 0) -> optuna.samplers.
     check_packages(cfg.name, "sampler")
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
     if cfg.name == "tpe":
-        kwargs = {**TPE_DEFAULTS, **kwargs}
+        startup = {"n_startup_trials": startup_trials} if startup_trials else {}
+        kwargs = {**TPE_DEFAULTS, **startup, **kwargs}
     if cfg.seed is not None:
         kwargs["seed"] = (cfg.seed + seed_offset) % 2**32  # numpy takes 32-bit seeds
     with _chosen_experimental():

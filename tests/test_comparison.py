@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -15,9 +16,10 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from studyfiles import derive, open_results, tiny, write_study
 
-from hpsearch.config import parse_config
+from hpsearch.config import StudyConfig, parse_config
+from hpsearch.exploration import build_study_sampler, enqueue_missing, order
+from hpsearch.optuna_private import planned_params
 from hpsearch.pruning import WithinArchitecture, build_study_pruner
-from hpsearch.run.runner import exploration_order, exploration_point
 from hpsearch.space import design, from_params
 
 ARCH = CategoricalDistribution(["cnn", "gru"])
@@ -108,11 +110,11 @@ def test_hyperband_within_an_architecture_sees_only_that_architecture() -> None:
 
 def test_exploration_order_is_round_robin_within_the_budget() -> None:
     config = parse_config(tiny(study={"min_trials_per_architecture": 2, "n_trials": 5}), "s")
-    assert exploration_order(config, Counter(), 5) == ["linear", "mlp", "cnn1d", "linear", "mlp"]
+    assert order(config, Counter(), 5) == ["linear", "mlp", "cnn1d", "linear", "mlp"]
     # A rerun tops up only what is short.
-    assert exploration_order(config, Counter({"linear": 2, "mlp": 1}), 10) == ["mlp", "cnn1d",
+    assert order(config, Counter({"linear": 2, "mlp": 1}), 10) == ["mlp", "cnn1d",
                                                                              "cnn1d"]
-    assert exploration_order(config, Counter(), 0) == []
+    assert order(config, Counter(), 0) == []
 
 
 def _quarter(value: float, low: float, high: float) -> int:
@@ -122,9 +124,10 @@ def _quarter(value: float, low: float, high: float) -> int:
 
 def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     """Four exploration trials of an architecture put one value in each quarter of every
-    range (on its own scale), where four independent draws leave some quarter empty nine
-    times in ten; the seed fixes them, and each architecture has its own."""
-    raw = tiny(study={"min_trials_per_architecture": 4, "sampler": {"name": "tpe", "seed": 3}},
+    range (on its own scale), at its middle, where four independent draws leave some quarter
+    empty nine times in ten; the seed fixes them, and each architecture has its own."""
+    raw = tiny(study={"n_trials": 8, "min_trials_per_architecture": 4,
+                      "sampler": {"name": "tpe", "seed": 3}},
                model={"architecture": {
                    "linear": {},
                    "mlp": {"hidden": {"type": "int", "low": 4, "high": 64, "log": True},
@@ -133,9 +136,12 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
                train={"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
                       "batch_size": {"type": "int", "low": 8, "high": 64, "step": 8}})
     config = parse_config(raw, "s")
-    points = [exploration_point(config, "mlp", i, 3) for i in range(4)]
+    points = [p for p in queued(config) if p["architecture"] == "mlp"]
     assert points == design(config, "mlp", 4, 3)
     assert sorted(_quarter(p["lr"], 1e-4, 1e-1) for p in points) == [0, 1, 2, 3]
+    # Each at the middle of its quarter, so none sits at an edge of the range.
+    middles = [1e-4 * 1000 ** ((k + 0.5) / 4) for k in range(4)]
+    assert sorted(p["lr"] for p in points) == pytest.approx(middles)
     assert sorted(_quarter(p["mlp.hidden"], 4, 65) for p in points) == [0, 1, 2, 3]
     assert sorted(p["mlp.depth"] for p in points) == [1, 2, 3, 4]
     assert len({p["batch_size"] for p in points}) == 4
@@ -149,7 +155,31 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     assert [p["lr"] for p in design(config, "linear", 4, 3)] != [p["lr"] for p in points]
     # A QMC sampler spreads its points itself: it is left the architecture only.
     qmc = parse_config(derive(raw, study={"sampler": {"name": "qmc", "seed": 3}}), "s")
-    assert exploration_point(qmc, "mlp", 0, 3) == {"architecture": "mlp"}
+    assert queued(qmc) == [{"architecture": a} for a in ["linear", "mlp"] * 4]
+
+
+def queued(config: StudyConfig) -> list[dict[str, Any]]:
+    """The exploration trials a new study of ``config`` queues, in order."""
+    study = optuna.create_study(direction=config.study.direction)
+    enqueue_missing(study, config)
+    return [planned_params(t) for t in study.get_trials(deepcopy=False)]
+
+
+def test_tpe_starts_modelling_once_the_exploration_is_done() -> None:
+    """The exploration trials are TPE's start-up: it does not draw its own random trials
+    after them (Optuna's default would, until 10 trials); a study without exploration, or a
+    study file that sets ``n_startup_trials``, keeps its own."""
+    raw = tiny(study={"n_trials": 16, "min_trials_per_architecture": 4},
+               model={"architecture": {"linear": {}, "mlp": {}}})
+    assert build_study_sampler(parse_config(raw, "s"))._n_startup_trials == 8
+    # Within the budget: a 6-trial study queues 6.
+    six = parse_config(derive(raw, study={"n_trials": 6}), "s")
+    assert build_study_sampler(six)._n_startup_trials == 6
+    one = parse_config(derive(raw, model={"architecture": {"mlp": {}}}), "s")
+    assert build_study_sampler(one)._n_startup_trials == 10
+    own = parse_config(derive(raw, study={"sampler": {"name": "tpe", "n_startup_trials": 3}}),
+                       "s")
+    assert build_study_sampler(own)._n_startup_trials == 3
 
 
 def test_an_unseeded_study_keeps_one_design_across_reruns(tmp_path: Path) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +22,23 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import attrs, data
+from hpsearch import attrs, data, exploration
 from hpsearch.checkpoint.artifacts import open_artifact_store, publish_study_best
 from hpsearch.checkpoint.study_best import reconcile_best
 from hpsearch.config import StudyConfig, task_problem
 from hpsearch.errors import EXIT_FAILED, EXIT_OK, ConfigError, HpsearchError, Interrupted
 from hpsearch.files import atomic_torch_save, clean_stale_temporaries
-from hpsearch.optuna_private import planned_params, storage_of, study_id
 from hpsearch.pruning import build_study_pruner
 from hpsearch.report import build_report
 from hpsearch.results import ResultsLayout, save_config_copy
 from hpsearch.run.progress import Printer, snapshot, summary
 from hpsearch.run.signals import StopSignals
-from hpsearch.samplers import build_pruner, build_sampler
-from hpsearch.space import design, to_optuna_names
+from hpsearch.samplers import build_pruner
+from hpsearch.space import to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
 from hpsearch.storage.study_lock import study_lock
-from hpsearch.storage.trials import counted
 from hpsearch.workers.slots import Slot, plan_slots, start_method
 from hpsearch.workers.supervisor import Supervisor
 
@@ -197,7 +192,7 @@ def workers_line(slots: list[Slot], started: str, scheduler: str | None) -> str:
 def check_strategy(config: StudyConfig, source: str, cluster: Any = None) -> list[Slot]:
     """Build the sampler and pruner once, and plan the slots (on the Dask ``cluster``'s
     workers when given), so bad arguments fail before any work. Returns the slots."""
-    for key, build in (("study.sampler", lambda: build_sampler(config.study.sampler)),
+    for key, build in (("study.sampler", lambda: exploration.build_study_sampler(config)),
                        ("study.pruner", lambda: build_pruner(config.study.pruner))):
         try:
             build()
@@ -304,7 +299,7 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
         study_name=config.study.name,
         storage=open_storage(url, config),
         direction=config.study.direction,
-        sampler=build_sampler(config.study.sampler),
+        sampler=exploration.build_study_sampler(config),
         pruner=build_study_pruner(config),
         load_if_exists=True,
     )
@@ -318,67 +313,8 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
                 study.enqueue_trial(to_optuna_names(params, config), skip_if_exists=True)
             study.set_user_attr(attrs.STUDY_ENQUEUED, True)
             study.set_user_attr(attrs.STUDY_METRIC, config.study.metric)
-        trials = study.get_trials(deepcopy=False)
-        have = explored(trials)
-        order = exploration_order(config, have, config.study.n_trials - counted(trials))
-        seed = exploration_seed(study, config) if order else None
-        for architecture in order:
-            study.enqueue_trial(exploration_point(config, architecture, have[architecture],
-                                                  seed))
-            have[architecture] += 1
+        exploration.enqueue_missing(study, config)
     return study
-
-
-def exploration_seed(study: optuna.Study, config: StudyConfig) -> int:
-    """The seed of the exploration design: the sampler's, or one drawn for an unseeded study
-    and kept in it, so that a rerun topping an architecture up continues the same design."""
-    if config.study.sampler.seed is not None:
-        return config.study.sampler.seed
-    storage, sid = storage_of(study), study_id(study)
-    seed = storage.get_study_system_attrs(sid).get(attrs.EXPLORATION_SEED)
-    if seed is None:
-        seed = secrets.randbits(32)
-        storage.set_study_system_attr(sid, attrs.EXPLORATION_SEED, seed)
-    return int(seed)
-
-
-def explored(trials: list[FrozenTrial]) -> Counter[str]:
-    """Trials per architecture that explore it: finished, running or queued, not failed."""
-    planned = (planned_params(t) for t in trials if t.state != TrialState.FAIL)
-    return Counter(str(p[attrs.ARCHITECTURE]) for p in planned if attrs.ARCHITECTURE in p)
-
-
-def exploration_order(config: StudyConfig, have: Counter[str], budget: int) -> list[str]:
-    """Architectures to queue, round-robin, so that each gets
-    ``min_trials_per_architecture`` trials before the sampler allocates freely, within the
-    ``budget`` of trials this run may still start. Run on every run: rerunning with a higher
-    ``n_trials`` tops up an architecture that is still short."""
-    archs = list(config.model.architecture)
-    # A grid or brute-force search visits every architecture by itself, and refuses trials
-    # whose other parameters are left to it.
-    if len(archs) < 2 or config.study.sampler.name in ("grid", "bruteforce"):
-        return []
-    need = config.study.min_trials_per_architecture
-    have = Counter({a: have.get(a, 0) for a in archs})
-    order: list[str] = []
-    for _ in range(need):
-        for arch in archs:
-            if have[arch] < need and len(order) < budget:
-                have[arch] += 1
-                order.append(arch)
-    return order
-
-
-def exploration_point(config: StudyConfig, architecture: str, index: int, seed: int
-                      ) -> dict[str, Any]:
-    """The parameters of an architecture's ``index``-th exploration trial: a point of a Latin
-    hypercube over its space (``space.design``). A QMC sampler spreads its points itself, so
-    it gets the architecture only: Optuna's enqueue takes partial parameters and the sampler
-    samples the rest."""
-    if config.study.sampler.name == "qmc":
-        return {attrs.ARCHITECTURE: architecture}
-    need = config.study.min_trials_per_architecture
-    return design(config, architecture, need, seed)[index]
 
 
 def heal(study: optuna.Study, layout: ResultsLayout, config: StudyConfig, event: Event) -> None:
