@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 from optuna.trial import TrialState
+from processes import pid_alive
 from services import require
 from studyfiles import write_study
 from test_resilience import (
@@ -33,7 +34,6 @@ from test_resilience import (
     assert_study_sound,
     mid_training,
     open_study,
-    pid_alive,
     study_dict,
     worker_pids,
 )
@@ -137,7 +137,7 @@ def test_study_completes_on_both_dask_workers_and_retrains_there(tmp_path: Path,
     try:
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 0, out
     assert "2 worker(s) on 2 Dask worker(s)" in out, out
@@ -165,7 +165,7 @@ def test_sigkilled_dask_worker_has_its_trial_resumed_on_the_other(tmp_path: Path
         os.kill(victim, signal.SIGKILL)
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 0, out
     assert f"died during trial {number}" in out and "left the cluster" in out, out
@@ -188,7 +188,7 @@ def test_ctrl_c_stops_remote_workers_with_resume_state_and_a_rerun_finishes(
         os.kill(run.pid, signal.SIGINT)
         rc = run.wait(timeout=60)
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 130, out
     assert "Resume with:" in out, out
@@ -206,7 +206,7 @@ def test_ctrl_c_stops_remote_workers_with_resume_state_and_a_rerun_finishes(
     try:
         rc = again.wait()
     finally:
-        again.kill_everything()
+        again.kill()
     assert rc == 0, again.output()
     trials = assert_study_sound(again.results, n_trials=N_TRIALS)
     assert_resumed(trials, number, "interrupted")

@@ -14,20 +14,18 @@ import datetime
 import json
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import pytest
 from optuna.storages.journal import JournalRedisBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from processes import HpsearchRun, wait_for, write_pacing
 from services import POSTGRES, REDIS, require_postgres, require_service
 from studyfiles import regression, write_study
 
@@ -38,44 +36,19 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
-RUN_TIMEOUT = 150.0
 GRACE = 6
 HEARTBEAT = 1
 
 
-class Node:
-    """One ``python -m hpsearch.run`` on the shared storage, in its own session (a machine)."""
+class Node(HpsearchRun):
+    """``python -m hpsearch.run`` on the shared storage with its own results folder, in its
+    own session (a machine)."""
 
     def __init__(self, cwd: Path, study_file: Path, storage: str, results: str,
                  label: str) -> None:
-        self.log_path = cwd / f"{label}.out"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hpsearch.run", study_file.name, "--storage", storage,
-             "--results-dir", results],
-            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        super().__init__(cwd, [study_file.name, "--storage", storage, "--results-dir", results],
+                         label)
         self.results = cwd / results
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the node did not finish within {timeout} s; output:\n{self.output()}")
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the node's whole process group: the run and its workers, as a lost machine."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture
@@ -155,16 +128,6 @@ def fresh_study(storage: str) -> Iterator[str]:
             optuna.delete_study(study_name=name, storage=storage)
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 def load_trials(storage: str, name: str) -> list[FrozenTrial]:
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
@@ -173,28 +136,17 @@ def states(trials: list[FrozenTrial]) -> dict[int, str]:
     return {t.number: t.state.name for t in trials}
 
 
-# Each epoch lasts at least a second however fast the machine, without using it.
-PAUSE = """
-import time
-
-
-def pause(event):
-    if event.kind == "epoch":
-        time.sleep(1.0)
-"""
-
-
 def slow_study(name: str, n_trials: int, tmp_path: Path) -> Path:
     """Trials of 8 epochs of at least a second, longer than the grace period: a node that
     judged another node's trial by its own results folder would fail it."""
-    (tmp_path / "epochpause.py").write_text(PAUSE)
+    write_pacing(tmp_path)  # each epoch lasts at least a second, without using the machine
     raw = regression(
         study={"name": name, "n_trials": n_trials, "heartbeat_interval": HEARTBEAT,
                "grace_period": GRACE},
         train={"max_epochs": 8, "lr_scheduler": None},
         checkpoint={"keep_top_k_trials": 2, "resume_min_seconds": 0},
         resources={"devices": "cpu", "workers": 1, "torch_threads": 1},
-        callbacks=["epochpause:pause"],
+        callbacks=["pacing:pause"],
     )
     return write_study(tmp_path, raw)
 

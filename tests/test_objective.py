@@ -352,7 +352,7 @@ def test_objective_study_survives_sigkill_and_keeps_every_guarantee(
         os.kill(victim, signal.SIGKILL)
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 0, out
     assert f"died during trial {number}" in out, out
@@ -411,7 +411,7 @@ def test_ctrl_c_stops_an_objective_study_and_the_rerun_resumes_it(
         rc = run.wait(timeout=30)
         assert_no_process_left(run, pids, timeout=2.0)
     finally:
-        run.kill_everything()
+        run.kill()
     assert rc == 130, run.output()
     assert (run_results / "trials" / str(number) / RESUME_STATE).exists()
     stopped = open_results(run_results).get_trials(deepcopy=False)[number]
@@ -421,7 +421,7 @@ def test_ctrl_c_stops_an_objective_study_and_the_rerun_resumes_it(
     try:
         assert rerun.wait() == 0, rerun.output()
     finally:
-        rerun.kill_everything()
+        rerun.kill()
     retry = retry_of(open_results(run_results).get_trials(deepcopy=False), number)
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs[attrs.RESUMED_FROM]["epoch"] > 0

@@ -18,15 +18,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import psutil
 import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from processes import HpsearchRun, pid_alive, wait_for
 from studyfiles import derive, open_results, regression, write_study
 
 import hpsearch
@@ -36,7 +36,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 
 STUDY_NAME = "resilience"
 MAX_EPOCHS = 8
@@ -66,100 +65,19 @@ def study_dict(**sections: dict[str, Any]) -> dict[str, Any]:
     return derive(raw, **sections)
 
 
-class Run:
-    """One ``python -m hpsearch.run`` subprocess in its own session (like a terminal job)."""
+class Run(HpsearchRun):
+    """``python -m hpsearch.run STUDY --results-dir res`` in ``cwd`` (like a terminal job)."""
 
     def __init__(self, cwd: Path, study_file: Path, env: dict[str, str] | None = None,
                  label: str = "run") -> None:
-        self.cwd = cwd
-        self.env = {**os.environ, **(env or {})}
-        self.log_path = cwd / f"{label}.out"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hpsearch.run", study_file.name, "--results-dir", "res"],
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
-        self.pid = self.proc.pid
+        super().__init__(cwd, [study_file.name, "--results-dir", "res"], label, env)
 
     @property
     def results(self) -> Path:
         return self.cwd / "res" / STUDY_NAME
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_everything()
-            pytest.fail(f"the run did not finish within {timeout} s; output:\n{self.output()}")
-        finally:
-            self._log.close()
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def session_processes(self) -> list[psutil.Process]:
-        """Live processes of this run's session (the run and everything it started)."""
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if os.getsid(proc.pid) == self.pid and _alive(proc):
-                    found.append(proc)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-        return found
-
-    def kill_everything(self) -> None:
-        """Clean-up after a failed test: SIGKILL this run's own processes, one by one."""
-        for proc in [*self.descendants(), *self.session_processes()]:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return _alive(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str,
-             run: Run | None = None, interval: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        if run is not None and run.proc.poll() is not None:
-            pytest.fail(f"the run exited ({run.proc.returncode}) while waiting for {what}:\n"
-                        f"{run.output()}")
-        time.sleep(interval)
-    if run is not None:
-        run.kill_everything()
-    pytest.fail(f"timed out after {timeout} s waiting for {what}"
-                + (f"; output:\n{run.output()}" if run else ""))
+        return super().wait(timeout)
 
 
 def worker_statuses(results: Path) -> list[dict[str, Any]]:
@@ -310,7 +228,7 @@ def assert_no_process_left(run: Run, pids: set[int], timeout: float = 5.0) -> No
                 cmdlines.append(f"{proc.pid}: {' '.join(proc.cmdline())[:200]}")
             except psutil.Error:
                 pass
-        run.kill_everything()
+        run.kill()
         pytest.fail(f"processes left behind: {left} {cmdlines}")
 
 
@@ -337,7 +255,7 @@ def test_sigkill_worker_mid_trial_resumes_from_last_epoch(tmp_path: Path,
         os.kill(victim, signal.SIGKILL)
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 0, out
     assert f"died during trial {number}" in out, out
@@ -369,7 +287,7 @@ def test_frozen_worker_is_detected_by_its_heartbeat_and_replaced(tmp_path: Path)
     finally:
         if frozen is not None and pid_alive(frozen):
             os.kill(frozen, signal.SIGKILL)
-        run.kill_everything()
+        run.kill()
     assert rc == 0, run.output()
     trials = assert_study_sound(run.results, n_trials=N_TRIALS)
     assert_resumed(trials, number, "")
@@ -429,7 +347,7 @@ def test_resumed_trial_whose_best_epoch_came_before_the_kill_verifies(
         os.kill(int(status["pid"]), signal.SIGKILL)
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     assert rc == 0, run.output()
     trials = assert_study_sound(run.results, n_trials=1)
     retry = assert_resumed(trials, 0, "died")
@@ -455,14 +373,14 @@ def test_sigkill_parent_then_rerun_resumes(tmp_path: Path) -> None:
         # Orphaned workers notice their parent is gone and exit on their own.
         assert_no_process_left(run, children, timeout=10.0)
     finally:
-        run.kill_everything()
+        run.kill()
     assert open_study(run.results).get_trials(deepcopy=False)[number].state == TrialState.RUNNING
 
     rerun = Run(tmp_path, study_file, label="rerun")
     try:
         rc = rerun.wait()
     finally:
-        rerun.kill_everything()
+        rerun.kill()
     out = rerun.output()
     assert rc == 0, out
     assert f"trial {number} was left RUNNING" in out, out
@@ -500,7 +418,7 @@ def test_signal_stops_cleanly_and_rerun_completes(
         elapsed = time.monotonic() - sent
         assert_no_process_left(run, pids, timeout=1.0)
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == expected, out
     assert elapsed < 10.0, f"took {elapsed:.1f} s to stop"
@@ -518,7 +436,7 @@ def test_signal_stops_cleanly_and_rerun_completes(
     try:
         rc = rerun.wait()
     finally:
-        rerun.kill_everything()
+        rerun.kill()
     assert rc == 0, rerun.output()
     trials = assert_study_sound(rerun.results, n_trials=N_TRIALS)
     assert_resumed(trials, number, "interrupted")
@@ -573,7 +491,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         elapsed = time.monotonic() - sent
         assert_no_process_left(run, pids, timeout=2.0)
     finally:
-        run.kill_everything()
+        run.kill()
     assert rc == 130, run.output()
     assert elapsed < 2.5, f"the second Ctrl-C took {elapsed:.1f} s"
 
@@ -597,7 +515,7 @@ def test_ctrl_c_while_workers_start(tmp_path: Path, method: str) -> None:
         elapsed = time.monotonic() - sent
         assert_no_process_left(run, pids, timeout=2.0)
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 130, out
     assert elapsed < 20.0  # spawned workers still importing torch on a loaded machine
@@ -611,7 +529,7 @@ def test_ctrl_c_while_workers_start(tmp_path: Path, method: str) -> None:
     try:
         rc = rerun.wait()
     finally:
-        rerun.kill_everything()
+        rerun.kill()
     assert rc == 0, rerun.output()
     assert_study_sound(rerun.results, n_trials=N_TRIALS)
 
@@ -651,7 +569,7 @@ def test_kill_during_first_epoch_of_a_resumed_trial_keeps_progress(tmp_path: Pat
         os.kill(int(status["pid"]), signal.SIGKILL)
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     assert rc == 0, run.output()
     trials = assert_study_sound(run.results, n_trials=N_TRIALS)
     assert trials[second].user_attrs["resumed_from"]["epoch"] >= 2
@@ -740,7 +658,7 @@ def test_failing_models_fail_cleanly_while_others_complete(
     try:
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 0, out
     assert "died" not in out, "a failing model must not kill its worker:\n" + out
@@ -784,7 +702,7 @@ def test_first_failures_stop_the_study(tmp_path: Path, monkeypatch: pytest.Monke
     try:
         rc = run.wait()
     finally:
-        run.kill_everything()
+        run.kill()
     out = run.output()
     assert rc == 1, out
     assert "Traceback" not in out

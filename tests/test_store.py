@@ -20,15 +20,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
-import psutil
 import pytest
 import torch
 from optuna.trial import TrialState
+from processes import HpsearchRun, wait_for, write_pacing
 from services import require, require_postgres
 from studyfiles import derive, regression, write_study
 
@@ -51,7 +51,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 MAX_EPOCHS = 8
 RUN_TIMEOUT = 240.0
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -144,61 +143,20 @@ def node_study(name: str, endpoint: str, bucket_name: str, **sections: Any) -> d
     return derive(raw, **sections)
 
 
-class Node:
-    """One ``python -m hpsearch.run`` process with its own results folder (its own session,
-    as on its own machine)."""
+class Node(HpsearchRun):
+    """``python -m hpsearch.run`` with its own results folder, in its own session (as on
+    its own machine)."""
 
     def __init__(self, cwd: Path, study_file: Path, storage: str, label: str,
                  **env: str) -> None:
-        self.cwd, self.label = cwd, label
-        self.log_path = cwd / f"{label}.out"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hpsearch.run", str(study_file), "--storage", storage,
-             "--results-dir", label, "--no-report"],
-            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-            start_new_session=True,
-        )
+        super().__init__(cwd, [str(study_file), "--storage", storage, "--results-dir", label,
+                               "--no-report"], label, env)
 
     def results(self, name: str) -> Path:
         return self.cwd / self.label / name
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.label} did not finish within {timeout} s:\n{self.output()}")
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL this node's processes (the run and its workers), one by one."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def wait_for(condition: Callable[[], T | None], timeout: float, what: str,
-             node: Node | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        if node is not None and node.proc.poll() is not None:
-            pytest.fail(f"{node.label} exited ({node.proc.returncode}) while waiting for "
-                        f"{what}:\n{node.output()}")
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}"
-                + (f"; {node.label} printed:\n{node.output()}" if node else ""))
+        return super().wait(timeout)
 
 
 def elsewhere(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -426,27 +384,17 @@ def test_two_nodes_share_checkpoints_and_best_through_the_bucket(
 
 
 HOLD_AT = 3
-HOLD = """
-import os
-import time
-
-
-def hold(event):
-    if (event.kind == "epoch"
-            and str(event.epoch) == os.environ.get("HPSEARCH_TEST_HOLD_AT_EPOCH")):
-        time.sleep(600)
-"""
 
 
 def test_a_trial_killed_on_one_node_resumes_on_another_from_its_last_epoch(
         tmp_path: Path, s3_endpoint: str, bucket: str, pg_study: tuple[str, str]) -> None:
     url, name = pg_study
-    # Node A's trial holds at epoch HOLD (a user callback), so the kill lands mid-trial
+    # Node A's trial holds at epoch HOLD_AT (the pacing:hold callback), so the kill lands mid-trial
     # however fast the epochs are; node B, without the variable, trains straight through.
-    (tmp_path / "epochhold.py").write_text(HOLD)
+    write_pacing(tmp_path)
     raw = node_study(name, s3_endpoint, bucket, study={"name": name, "n_trials": 1,
                                                      "grace_period": 3},
-                     callbacks=["epochhold:hold"])
+                     callbacks=["pacing:hold"])
     study_file = write_study(tmp_path, raw)
     node_a = Node(tmp_path, study_file, url, "node-a", HPSEARCH_TEST_HOLD_AT_EPOCH=str(HOLD_AT))
     status_file = node_a.results(name) / ".hpsearch" / "workers" / "slot-0.json"
