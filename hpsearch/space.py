@@ -117,18 +117,15 @@ def design(config: StudyConfig, architecture: str, size: int, seed: int
     Optuna names, the architecture included.
 
     Each parameter's range is cut into ``size`` equal parts (on its own scale: log ranges in
-    log) and every part holds one point, at its middle, so a handful of exploration trials
-    never leaves, say, the good learning rates untried, as independent draws can, and no value
-    of a range is further than half a part from a tried one (a point drawn anywhere in its
-    part could sit at the range's edge, where the extremes seldom train well). The seed
-    decides which values go together.
+    log) and every part holds one point, so a handful of exploration trials never leaves, say,
+    the good learning rates untried, as independent draws can.
     """
     dists = searched(config, architecture)
     # One stream per architecture, fixed by the seed: a rerun that tops an architecture up
     # takes the next points of the same design.
     index = list(config.model.architecture).index(architecture)
     rng = np.random.default_rng([seed, index])
-    columns = [(rng.permutation(size) + 0.5) / size for _ in dists]
+    columns = [(rng.permutation(size) + rng.random(size)) / size for _ in dists]
     return [{ARCHITECTURE: architecture,
              **{name: _from_unit(dist, float(column[i]))
                 for (name, dist), column in zip(dists.items(), columns)}}

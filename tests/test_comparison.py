@@ -124,8 +124,8 @@ def _quarter(value: float, low: float, high: float) -> int:
 
 def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     """Four exploration trials of an architecture put one value in each quarter of every
-    range (on its own scale), at its middle, where four independent draws leave some quarter
-    empty nine times in ten; the seed fixes them, and each architecture has its own."""
+    range (on its own scale), where four independent draws leave some quarter empty nine
+    times in ten; the seed fixes them, and each architecture has its own."""
     raw = tiny(study={"n_trials": 8, "min_trials_per_architecture": 4,
                       "sampler": {"name": "tpe", "seed": 3}},
                model={"architecture": {
@@ -139,9 +139,6 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     points = [p for p in queued(config) if p["architecture"] == "mlp"]
     assert points == design(config, "mlp", 4, 3)
     assert sorted(_quarter(p["lr"], 1e-4, 1e-1) for p in points) == [0, 1, 2, 3]
-    # Each at the middle of its quarter, so none sits at an edge of the range.
-    middles = [1e-4 * 1000 ** ((k + 0.5) / 4) for k in range(4)]
-    assert sorted(p["lr"] for p in points) == pytest.approx(middles)
     assert sorted(_quarter(p["mlp.hidden"], 4, 65) for p in points) == [0, 1, 2, 3]
     assert sorted(p["mlp.depth"] for p in points) == [1, 2, 3, 4]
     assert len({p["batch_size"] for p in points}) == 4
