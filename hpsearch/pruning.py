@@ -58,10 +58,16 @@ class WithinArchitecture(optuna.pruners.BasePruner):
 
 def build_study_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     """The study's pruner: the configured one, within each architecture unless the study
-    file says ``study.prune_within_architecture: false`` (or there is one architecture)."""
-    inner = build_pruner(config.study.pruner)
+    file says ``study.prune_within_architecture: false`` (or there is one architecture).
+
+    Within an architecture, ``min_trials_to_prune`` is the start-up: a median or percentile
+    pruner does not wait for its own ``n_startup_trials`` (Optuna's 5) on top of it unless the
+    study file sets it, or an architecture's first five trials, most of a small study's,
+    could never be pruned.
+    """
     study = config.study
     if (not study.prune_within_architecture or len(config.model.architecture) < 2
             or study.pruner.name in PEERLESS):
-        return inner
-    return WithinArchitecture(inner, min_peers=study.min_trials_to_prune)
+        return build_pruner(study.pruner)
+    return WithinArchitecture(build_pruner(study.pruner, startup_trials=0),
+                              min_peers=study.min_trials_to_prune)

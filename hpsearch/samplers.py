@@ -124,8 +124,17 @@ def build_sampler(cfg: SamplerOptions, seed_offset: int = 0, startup_trials: int
         return SAMPLERS[cfg.name](**kwargs)
 
 
-def build_pruner(cfg: PrunerOptions) -> optuna.pruners.BasePruner:
+# Pruners that wait for ``n_startup_trials`` finished trials (Optuna's default 5) before they
+# prune at all.
+STARTUP_PRUNERS = ("median", "percentile")
+
+
+def build_pruner(cfg: PrunerOptions, startup_trials: int | None = None
+                 ) -> optuna.pruners.BasePruner:
     """Build the pruner; ``patient`` wraps another pruner given as ``wrapped: {name: ...}``.
+
+    ``startup_trials``: where a gate outside the pruner already holds pruning back, the
+    pruner's own ``n_startup_trials`` defaults to this instead of Optuna's 5.
 
     Raises:
         TypeError/ValueError: The study file gave arguments the pruner does not take, or a
@@ -133,8 +142,11 @@ def build_pruner(cfg: PrunerOptions) -> optuna.pruners.BasePruner:
     """
     check_packages(cfg.name, "pruner")
     kwargs: dict[str, Any] = dict(cfg.model_extra or {})
+    if startup_trials is not None and cfg.name in STARTUP_PRUNERS:
+        kwargs.setdefault("n_startup_trials", startup_trials)
     if cfg.name == "patient":
-        kwargs["wrapped_pruner"] = build_pruner(cfg.wrapped) if cfg.wrapped else None
+        kwargs["wrapped_pruner"] = (build_pruner(cfg.wrapped, startup_trials) if cfg.wrapped
+                                    else None)
     elif cfg.wrapped is not None:
         raise ValueError("wrapped: only the patient pruner wraps another")
     with _chosen_experimental():
