@@ -86,6 +86,28 @@ def test_within_architecture_is_the_default_and_can_be_turned_off() -> None:
                       optuna.pruners.ThresholdPruner)
 
 
+def test_the_gate_is_the_median_pruners_start_up() -> None:
+    """``{name: median}`` as written: within an architecture it prunes once the gate lets it
+    (two finished trials of its own), not after Optuna's 5 more; a study file that sets
+    ``n_startup_trials``, or a study pruned across architectures, keeps Optuna's count."""
+    def pruned_after_two_peers(pruner: optuna.pruners.BasePruner) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for _ in range(2):
+            study.add_trial(curve_trial("gru", [0.9, 0.9], TrialState.COMPLETE))
+        study.enqueue_trial({"architecture": "gru"})
+        trial = study.ask()
+        trial.suggest_categorical("architecture", ["cnn", "gru"])
+        trial.report(0.1, 0)
+        return trial.should_prune()
+
+    raw = tiny(study={"pruner": {"name": "median"}})
+    assert pruned_after_two_peers(build_study_pruner(parse_config(raw, "s.yaml")))
+    own = derive(raw, study={"pruner": {"name": "median", "n_startup_trials": 3}})
+    assert not pruned_after_two_peers(build_study_pruner(parse_config(own, "s.yaml")))
+    across = derive(raw, study={"prune_within_architecture": False})
+    assert build_study_pruner(parse_config(across, "s.yaml"))._n_startup_trials == 5
+
+
 def test_hyperband_within_an_architecture_sees_only_that_architecture() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Hyperband builds its own bracket studies from the study's storage: the view must hold.

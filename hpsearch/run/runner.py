@@ -34,7 +34,6 @@ from hpsearch.report import build_report
 from hpsearch.results import ResultsLayout, save_config_copy
 from hpsearch.run.progress import Printer, snapshot, summary
 from hpsearch.run.signals import StopSignals
-from hpsearch.samplers import build_pruner
 from hpsearch.space import to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
@@ -193,7 +192,7 @@ def check_strategy(config: StudyConfig, source: str, cluster: Any = None) -> lis
     """Build the sampler and pruner once, and plan the slots (on the Dask ``cluster``'s
     workers when given), so bad arguments fail before any work. Returns the slots."""
     for key, build in (("study.sampler", lambda: exploration.build_study_sampler(config)),
-                       ("study.pruner", lambda: build_pruner(config.study.pruner))):
+                       ("study.pruner", lambda: build_study_pruner(config))):
         try:
             build()
         except Exception as err:  # whatever Optuna raises for bad arguments is the user's
