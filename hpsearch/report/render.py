@@ -409,6 +409,7 @@ th,td{padding:6px 10px;border-bottom:1px solid #e4e7eb;text-align:right;white-sp
 th{background:#eef2f6;font-weight:600;white-space:normal;vertical-align:bottom}
 th:first-child,td:first-child{text-align:left}
 td.wrap{white-space:normal;text-align:left;min-width:180px}
+th.wrap{text-align:left}
 tr.leader td{font-weight:600;background:#f1f9f2}
 tr.under-explored td{background:#fff8e6;color:#7c5e10}
 tr.under-explored td:first-child{box-shadow:inset 4px 0 0 #f0a202}
@@ -526,17 +527,18 @@ def _verdict_html(data: ReportData) -> str:
 
 def _html_table(table: Table) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in table.headers)
+    wrap = ' class="wrap"'  # prose columns: wrapped and aligned left, header included
+    head = "".join(f"<th{wrap if j in table.text_columns else ''}>{esc(h)}</th>"
+                   for j, h in enumerate(table.headers))
     body = []
     for i, row in enumerate(table.rows):
         state = table.row_states[i] if i < len(table.row_states) else ""
         cells = []
         for j, cell in enumerate(row):
-            wrap = ' class="wrap"' if j in table.text_columns else ""
             text = esc(cell)
             if j == 0 and state == UNDER_EXPLORED:
                 text += f'<span class="badge {UNDER_EXPLORED}">{UNDER_EXPLORED}</span>'
-            cells.append(f"<td{wrap}>{text}</td>")
+            cells.append(f"<td{wrap if j in table.text_columns else ''}>{text}</td>")
         css = f' class="{state}"' if state else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
     return (
