@@ -467,6 +467,8 @@ def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Pat
     assert '<span class="badge under-explored">under-explored</span>' in row_html.group(1)
     assert re.search(r'<tr class="leader"><td>cnn</td>', page)
     assert page.count('<tr class="under-explored">') == 2  # architectures and seeds tables
+    # The explored column holds prose (the reason): header and cells both align left.
+    assert '<th class="wrap">explored</th>' in page
     assert f"<pre><code>{exploration.command}</code></pre>" in page
 
     bare = compute(study, min_trials=4)
