@@ -171,7 +171,9 @@ def test_progress_is_reported_once_per_seed_retrain(study_run) -> None:
                                    for s in (1_000_000, 1_000_001))
 
 
-def test_ctrl_c_during_seed_retrains_exits_130_with_one_line(study_run) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_seed_retrains_exits_with_one_line(study_run, sig: int,
+                                                                    code: int) -> None:
     tmp_path, _ = study_run
     folder = tmp_path / "res/tiny"
     before = {name: (folder / name).stat().st_ino for name in FILES if (folder / name).exists()}
@@ -189,14 +191,14 @@ def test_ctrl_c_during_seed_retrains_exits_130_with_one_line(study_run) -> None:
         for line in proc.stdout:
             if line.startswith("report: seed retrain 1/"):
                 break  # the retrains are running: 99 are left
-        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+        os.killpg(proc.pid, sig)  # a terminal's Ctrl-C reaches the whole group
         started = time.monotonic()
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert time.monotonic() - started < 20
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == code, out + err
     assert err.splitlines() == [
         "interrupted: the report was not written; the study is unchanged"
     ], err

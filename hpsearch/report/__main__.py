@@ -3,7 +3,8 @@ or ``python -m hpsearch.report --storage URL [--study NAME]`` from a machine tha
 
 Rebuilds a study's report from its storage and checkpoints, at any time, also while the study
 is still running. Bad arguments exit 2 with one ``error:`` line; a file that cannot be written
-exits 1 naming it; Ctrl-C exits 130 with one line saying what was (not) written.
+exits 1 naming it; Ctrl-C exits 130 (SIGTERM 143) with one line saying what was (not)
+written.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import optuna
@@ -21,6 +23,7 @@ from hpsearch.errors import EXIT_OK, EXIT_SIGNAL, Interrupted, UsageError, run_c
 from hpsearch.report.build import build_report
 from hpsearch.report.data import fmt_num, load_call
 from hpsearch.results import DEFAULT_ROOT, REPORT_FILES, ResultsLayout
+from hpsearch.run.signals import StopSignals
 from hpsearch.storage.backends import open_study
 from hpsearch.workers.slots import plan_slots
 
@@ -55,10 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     files = _ReportFiles()
+    # The first Ctrl-C or SIGTERM raises Interrupted; the second exits at once.
+    signals = StopSignals(on_first=lambda: None, on_second=lambda: None,
+                          enabled=threading.current_thread() is threading.main_thread())
 
     def body() -> int:
         try:
-            return _rebuild(args, files)
+            with signals, signals.raising():
+                return _rebuild(args, files, signals)
         except (KeyboardInterrupt, Interrupted) as err:
             print(f"interrupted: {files.what_was_written()}; the study is unchanged",
                   file=sys.stderr)
@@ -67,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(body)
 
 
-def _rebuild(args: argparse.Namespace, files: _ReportFiles) -> int:
+def _rebuild(args: argparse.Namespace, files: _ReportFiles, signals: StopSignals) -> int:
     if args.storage:
         if args.study:
             raise UsageError("give a study file or results folder, or --storage, not both")
@@ -86,8 +93,18 @@ def _rebuild(args: argparse.Namespace, files: _ReportFiles) -> int:
             update={"report": config.report.model_copy(update={"seeds": 0})}
         )
     files.watch(layout)
+
+    def progress(text: str) -> None:
+        # The handler's Interrupted is lost where it lands in a finalizer ("Exception
+        # ignored in ..."); the signal it recorded is not.
+        if signals.received:
+            raise Interrupted(signals.received[0])
+        print(text, flush=True)  # a pipe would otherwise hold it back until the end
+
     paths = build_report(config, study, layout, plan_slots(config.resources),
-                         on_progress=_progress)
+                         on_progress=progress)
+    if signals.received:
+        raise Interrupted(signals.received[0])
     for path in paths.values():
         print(f"wrote {path}")
     print(winner_line(study, config.study.metric, layout))
@@ -105,10 +122,6 @@ def winner_line(study: optuna.Study, metric: str, layout: ResultsLayout) -> str:
         f"{fmt_num(ranking.complete_value(best))}); load it with "
         f"{load_call(layout.root.as_posix())}"
     )
-
-
-def _progress(text: str) -> None:
-    print(text, flush=True)  # a pipe would otherwise hold it back until the end
 
 
 class _ReportFiles:
