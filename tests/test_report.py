@@ -621,6 +621,23 @@ def test_gap_verdict(direction: str, seeds: dict[str, list[float]], verdict: str
         assert "at least 2 finite seed retrains" in gap.text
 
 
+def test_gap_verdict_says_when_a_checkpoint_did_not_reproduce() -> None:
+    # cnn leads on validation and its best checkpoint scored 0.95 on the test split, but its
+    # configuration stays near chance with fresh seeds (seen with a GRU at a high learning
+    # rate): the verdict must not read that as mlp generalizing better without saying so.
+    study = known_study()
+    seeds = {"cnn": [0.10, 0.11, 0.12], "mlp": [0.80, 0.81, 0.82]}
+    data = compute(study, seed_metrics=seeds, test_metrics={"cnn": 0.95, "mlp": 0.81})
+    assert (data.gap.leader, data.gap.verdict) == ("cnn", "reversed")
+    assert "cnn's best checkpoint scored 0.95 test_acc, outside its retrains' interval" in \
+        data.gap.text
+    assert "mlp's best checkpoint" not in data.gap.text  # 0.81 lies inside its interval
+    assert "did not reproduce" in report_render.render_markdown(data)
+    # A checkpoint inside its retrains' interval adds nothing.
+    quiet = compute(study, seed_metrics=seeds, test_metrics={"cnn": 0.11, "mlp": 0.81})
+    assert "did not reproduce" not in quiet.gap.text
+
+
 def statistics_mean(values: list[float]) -> float:
     return sum(values) / len(values)
 

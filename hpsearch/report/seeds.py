@@ -132,4 +132,25 @@ def gap_verdict(
             f"{fmt_num(abs(difference))} {test_metric_name} beyond seed noise, although "
             f"{lead.architecture} had the best validation value; {intervals}."
         )
+    notes = [_not_reproduced(a, maximize, test_metric_name) for a in (lead, second)]
+    text = " ".join([text, *(n for n in notes if n)])
     return GapVerdict(lead.architecture, second.architecture, difference, verdict, text)
+
+
+def _not_reproduced(arch: ArchitectureSummary, maximize: bool, test_metric_name: str
+                    ) -> str | None:
+    """A sentence when the representative's own checkpoint scored better on the test split
+    than its configuration's retrains' interval: the retrains then judge a configuration
+    that only some seeds train well (a GRU at a high learning rate can stay at chance), not
+    the best the architecture showed."""
+    seeds, checkpoint = arch.seeds, arch.test_metric
+    if checkpoint is None or seeds.ci_low is None or seeds.ci_high is None:
+        return None
+    if not (checkpoint > seeds.ci_high if maximize else checkpoint < seeds.ci_low):
+        return None
+    return (
+        f"{arch.architecture}'s best checkpoint scored {fmt_num(checkpoint)} "
+        f"{test_metric_name}, outside its retrains' interval {fmt_ci(seeds)}: its "
+        f"configuration did not reproduce that result with fresh seeds, so the retrains judge "
+        f"that configuration, not the best {arch.architecture} showed."
+    )
