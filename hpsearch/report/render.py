@@ -234,7 +234,9 @@ def _method_notes(data: ReportData) -> list[str]:
         "n/a; non-finite results are listed but left out.",
         f"Gap vs noise: the gap between the two best explored architectures counts as larger "
         f"than the noise when {GAP_RULE}. This rule is conservative: overlapping intervals do "
-        "not prove the architectures equal.",
+        "not prove the architectures equal. Where either one's best checkpoint scored better "
+        "on the test split than its retrains' interval, the verdict says that its "
+        "configuration did not reproduce with fresh seeds.",
         "Time to best: cumulative training seconds at the end of the representative's best "
         "epoch. Train time sums every trial of the architecture, pruned and failed included.",
     ]

@@ -151,6 +151,6 @@ def _not_reproduced(arch: ArchitectureSummary, maximize: bool, test_metric_name:
     return (
         f"{arch.architecture}'s best checkpoint scored {fmt_num(checkpoint)} "
         f"{test_metric_name}, outside its retrains' interval {fmt_ci(seeds)}: its "
-        f"configuration did not reproduce that result with fresh seeds, so the retrains judge "
-        f"that configuration, not the best {arch.architecture} showed."
+        f"configuration did not reproduce that result with fresh seeds, so the retrains "
+        f"measure that one configuration, not what {arch.architecture} can reach."
     )
