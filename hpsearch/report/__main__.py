@@ -95,16 +95,12 @@ def _rebuild(args: argparse.Namespace, files: _ReportFiles, signals: StopSignals
     files.watch(layout)
 
     def progress(text: str) -> None:
-        # The handler's Interrupted is lost where it lands in a finalizer ("Exception
-        # ignored in ..."); the signal it recorded is not.
-        if signals.received:
-            raise Interrupted(signals.received[0])
+        signals.check()  # the handler's own raise is lost where it lands in a finalizer
         print(text, flush=True)  # a pipe would otherwise hold it back until the end
 
     paths = build_report(config, study, layout, plan_slots(config.resources),
                          on_progress=progress)
-    if signals.received:
-        raise Interrupted(signals.received[0])
+    signals.check()
     for path in paths.values():
         print(f"wrote {path}")
     print(winner_line(study, config.study.metric, layout))

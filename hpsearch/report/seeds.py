@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from hpsearch.ranking import improves
 from hpsearch.report.data import ArchitectureSummary, GapVerdict, SeedSummary, fmt_ci, fmt_num
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30.
@@ -144,9 +145,8 @@ def _not_reproduced(arch: ArchitectureSummary, maximize: bool, test_metric_name:
     that only some seeds train well (a GRU at a high learning rate can stay at chance), not
     the best the architecture showed."""
     seeds, checkpoint = arch.seeds, arch.test_metric
-    if checkpoint is None or seeds.ci_low is None or seeds.ci_high is None:
-        return None
-    if not (checkpoint > seeds.ci_high if maximize else checkpoint < seeds.ci_low):
+    bound = seeds.ci_high if maximize else seeds.ci_low
+    if bound is None or not improves(checkpoint, bound, "max" if maximize else "min"):
         return None
     return (
         f"{arch.architecture}'s best checkpoint scored {fmt_num(checkpoint)} "

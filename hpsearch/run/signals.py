@@ -62,11 +62,16 @@ class StopSignals:
             raise Interrupted(signum)
         self.on_first()
 
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a signal came (also one whose raise was lost, e.g. in a
+        finalizer, where Python only prints "Exception ignored")."""
+        if self.received:
+            raise Interrupted(self.received[0])
+
     @contextlib.contextmanager
     def raising(self) -> Iterator[None]:
         """Within this block the first signal raises ``Interrupted`` instead of asking."""
-        if self.received:
-            raise Interrupted(self.received[0])
+        self.check()
         self._raising = True
         try:
             yield
