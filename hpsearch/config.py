@@ -168,6 +168,9 @@ class StudySection(_Strict):
     trials can be pruned (with ``prune_within_architecture``)."""
     prune_within_architecture: bool = True
     """Prune a trial only by comparison with trials of its own architecture."""
+    sample_within_architecture: bool = True
+    """TPE: sample the architecture over the whole study, then the trial's other parameters
+    from trials of its own architecture only."""
     max_retries: int = Field(2, ge=0)
     """How often a trial whose worker died is resumed before it is left FAIL."""
     max_initial_failures: int = Field(5, ge=1)

@@ -7,7 +7,8 @@ checked on every run, so rerunning with a higher ``n_trials`` tops up an archite
 still short.
 
 The plan is the sampler's start-up: TPE's own random start-up trials would only repeat it, so
-TPE begins to model the study once the plan is done (:func:`startup_trials`).
+TPE begins to model the study once the plan is done (:func:`startup_trials`,
+``sampling.build_study_sampler``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import attrs
 from hpsearch.config import StudyConfig
 from hpsearch.optuna_private import planned_params, storage_of, study_id
-from hpsearch.samplers import build_sampler
 from hpsearch.space import design
 from hpsearch.storage.trials import counted
+
+# Design points per architecture by default: one in each quarter of every range.
+DESIGN_POINTS = 4
 
 
 def explored(trials: list[FrozenTrial]) -> Counter[str]:
@@ -57,10 +60,14 @@ def startup_trials(config: StudyConfig) -> int:
     return len(order(config, Counter(), config.study.n_trials))
 
 
-def build_study_sampler(config: StudyConfig, seed_offset: int = 0
-                        ) -> optuna.samplers.BaseSampler:
-    """The study's sampler, whose start-up is the plan (see ``samplers.build_sampler``)."""
-    return build_sampler(config.study.sampler, seed_offset, startup_trials(config))
+def designed(config: StudyConfig) -> int:
+    """How many of each architecture's exploration trials are design points: the sampler's
+    ``n_startup_trials`` where the study file sets it, else ``DESIGN_POINTS``, at most
+    ``min_trials_per_architecture``. The rest take only their architecture from the plan, so
+    the sampler, modelling that architecture's design points, picks their parameters."""
+    own = (config.study.sampler.model_extra or {}).get("n_startup_trials")
+    return min(config.study.min_trials_per_architecture,
+               int(own) if own is not None else DESIGN_POINTS)
 
 
 def design_seed(study: optuna.Study, config: StudyConfig) -> int:
@@ -85,16 +92,16 @@ def enqueue_missing(study: optuna.Study, config: StudyConfig) -> int:
     if not queued:
         return 0
     seed = design_seed(study, config)
-    need = config.study.min_trials_per_architecture
+    size = designed(config)
     designs: dict[str, list[dict[str, Any]]] = {}
     for arch in queued:
-        if config.study.sampler.name == "qmc":
-            # QMC spreads its points itself: queue the architecture only; Optuna's enqueue
-            # takes partial parameters and the sampler samples the rest.
-            params: dict[str, Any] = {attrs.ARCHITECTURE: arch}
-        else:
+        # Past the design (and for QMC, which spreads its points itself) the plan fixes the
+        # architecture only: Optuna's enqueue takes partial parameters and the sampler
+        # samples the rest.
+        params: dict[str, Any] = {attrs.ARCHITECTURE: arch}
+        if have[arch] < size and config.study.sampler.name != "qmc":
             if arch not in designs:
-                designs[arch] = design(config, arch, need, seed)
+                designs[arch] = design(config, arch, size, seed)
             params = designs[arch][have[arch]]
         study.enqueue_trial(params)
         have[arch] += 1

@@ -3,8 +3,8 @@
 hpsearch needs a few things Optuna's public API does not offer: failing and requeueing a trial
 from outside its objective (the parent fails a dead worker's trial), reading a live trial's
 system attributes, recording RDB heartbeats by hand, study ids for the dashboard's links, the
-journal's lock interface, and the artifact store protocol. Each is wrapped here under a name
-that says what it does.
+journal's lock interface, the artifact store protocol, and the trial cache of a study object
+that views another's storage. Each is wrapped here under a name that says what it does.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def storage_of(study: optuna.Study) -> BaseStorage:
 
 def study_id(study: optuna.Study) -> int:
     return study._study_id
+
+
+def forget_cached_trials(study: optuna.Study) -> None:
+    """Drop the trials a study object cached for its sampler (``Study.ask`` does this for the
+    study it asks; a second study object over the same storage needs it done by hand)."""
+    study._thread_local.cached_all_trials = None
 
 
 def summary_id(study: FrozenStudy) -> int:

@@ -15,9 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import attrs
 from hpsearch.config import StudyConfig
-from hpsearch.optuna_private import storage_of
 from hpsearch.samplers import build_pruner
-from hpsearch.storage.views import ArchitectureView
+from hpsearch.storage.views import ArchitectureStudies
 
 # Pruners that judge a trial by a fixed bound, not by other trials: no peers needed.
 PEERLESS = ("threshold", "none")
@@ -29,31 +28,18 @@ class WithinArchitecture(optuna.pruners.BasePruner):
 
     def __init__(self, inner: optuna.pruners.BasePruner, min_peers: int) -> None:
         self.inner, self.min_peers = inner, min_peers
-        # Per (study, architecture); the study is kept so its id cannot be reused.
-        self._views: dict[tuple[int, str], tuple[optuna.Study, optuna.Study]] = {}
+        self._views = ArchitectureStudies(pruner=inner)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         architecture = trial.params.get(attrs.ARCHITECTURE)
         if architecture is None:
             return self.inner.prune(study, trial)
-        view = self._view(study, str(architecture))
+        view = self._views.get(study, str(architecture))
         finished = view.get_trials(deepcopy=False,
                                    states=(TrialState.COMPLETE, TrialState.PRUNED))
         if len(finished) < self.min_peers:
             return False
         return self.inner.prune(view, trial)
-
-    def _view(self, study: optuna.Study, architecture: str) -> optuna.Study:
-        key = (id(study), architecture)
-        if key not in self._views:
-            view = optuna.Study(
-                study_name=study.study_name,
-                storage=ArchitectureView(storage_of(study), architecture),
-                sampler=study.sampler,
-                pruner=self.inner,
-            )
-            self._views[key] = (study, view)
-        return self._views[key][1]
 
 
 def build_study_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
@@ -17,9 +18,11 @@ from optuna.trial import TrialState, create_trial
 from studyfiles import derive, open_results, tiny, write_study
 
 from hpsearch.config import StudyConfig, parse_config
-from hpsearch.exploration import build_study_sampler, enqueue_missing, order
+from hpsearch.exploration import enqueue_missing, order
 from hpsearch.optuna_private import planned_params
 from hpsearch.pruning import WithinArchitecture, build_study_pruner
+from hpsearch.sampling import WithinArchitecture as WithinSampler
+from hpsearch.sampling import build_study_sampler
 from hpsearch.space import design, from_params
 
 ARCH = CategoricalDistribution(["cnn", "gru"])
@@ -175,6 +178,12 @@ def test_exploration_covers_each_quarter_of_every_range_and_is_seeded() -> None:
     # A QMC sampler spreads its points itself: it is left the architecture only.
     qmc = parse_config(derive(raw, study={"sampler": {"name": "qmc", "seed": 3}}), "s")
     assert queued(qmc) == [{"architecture": a} for a in ["linear", "mlp"] * 4]
+    # Past four design points the plan fixes only the architecture: the sampler, which by
+    # then models that architecture's design, picks the rest.
+    six = parse_config(derive(raw, study={"n_trials": 12, "min_trials_per_architecture": 6}),
+                       "s")
+    mlp = [p for p in queued(six) if p["architecture"] == "mlp"]
+    assert mlp == [*design(six, "mlp", 4, 3), {"architecture": "mlp"}, {"architecture": "mlp"}]
 
 
 def queued(config: StudyConfig) -> list[dict[str, Any]]:
@@ -184,21 +193,97 @@ def queued(config: StudyConfig) -> list[dict[str, Any]]:
     return [planned_params(t) for t in study.get_trials(deepcopy=False)]
 
 
+def startups(sampler: optuna.samplers.BaseSampler) -> tuple[int, int | None]:
+    """TPE start-ups: of the architecture stage (or the only sampler), and of one
+    architecture's stage (None without stages)."""
+    if isinstance(sampler, WithinSampler):
+        return sampler.choose._n_startup_trials, sampler._sampler("mlp")._n_startup_trials  # type: ignore[attr-defined]
+    return sampler._n_startup_trials, None  # type: ignore[attr-defined]
+
+
 def test_tpe_starts_modelling_once_the_exploration_is_done() -> None:
     """The exploration trials are TPE's start-up: it does not draw its own random trials
-    after them (Optuna's default would, until 10 trials); a study without exploration, or a
-    study file that sets ``n_startup_trials``, keeps its own."""
+    after them (Optuna's default would, until 10 trials). The architecture stage waits for the
+    whole plan, each architecture's stage for its own share of it. A study without
+    exploration, or a study file that sets ``n_startup_trials``, keeps its own."""
     raw = tiny(study={"n_trials": 16, "min_trials_per_architecture": 4},
                model={"architecture": {"linear": {}, "mlp": {}}})
-    assert build_study_sampler(parse_config(raw, "s"))._n_startup_trials == 8
+    assert startups(build_study_sampler(parse_config(raw, "s"))) == (8, 4)
     # Within the budget: a 6-trial study queues 6.
     six = parse_config(derive(raw, study={"n_trials": 6}), "s")
-    assert build_study_sampler(six)._n_startup_trials == 6
+    assert startups(build_study_sampler(six)) == (6, 4)
     one = parse_config(derive(raw, model={"architecture": {"mlp": {}}}), "s")
-    assert build_study_sampler(one)._n_startup_trials == 10
+    assert startups(build_study_sampler(one)) == (10, None)
     own = parse_config(derive(raw, study={"sampler": {"name": "tpe", "n_startup_trials": 3}}),
                        "s")
-    assert build_study_sampler(own)._n_startup_trials == 3
+    assert startups(build_study_sampler(own)) == (3, 3)
+    no_plan = parse_config(derive(raw, study={"min_trials_per_architecture": 0}), "s")
+    assert startups(build_study_sampler(no_plan)) == (10, 10)
+
+
+def test_sampling_within_architecture_is_the_default_for_tpe_and_can_be_turned_off() -> None:
+    raw = tiny(model={"architecture": {"linear": {}, "mlp": {}}})
+    assert isinstance(build_study_sampler(parse_config(raw, "s")), WithinSampler)
+    off = derive(raw, study={"sample_within_architecture": False})
+    assert isinstance(build_study_sampler(parse_config(off, "s")), optuna.samplers.TPESampler)
+    rnd = derive(raw, study={"sampler": {"name": "random"}})
+    assert isinstance(build_study_sampler(parse_config(rnd, "s")), optuna.samplers.RandomSampler)
+
+
+WIDTH = {"mlp": optuna.distributions.IntDistribution(8, 512, log=True),
+         "cnn1d": optuna.distributions.IntDistribution(8, 512, log=True)}
+LR = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+TWO = CategoricalDistribution(["cnn1d", "mlp"])
+
+
+def trailing_widths(sampler: optuna.samplers.BaseSampler) -> tuple[list[int], int]:
+    """Widths ``sampler`` proposes for the trailing architecture (mlp, best at width 40 and
+    lr 3e-3) in a study the leading one (cnn1d, best at width 300 and lr 3e-2) dominates, and
+    the width of the trailing architecture's best trial."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    rng = np.random.default_rng(0)
+    for arch, best_width, best_lr, top, n in (("cnn1d", 300, 3e-2, 0.97, 16),
+                                              ("mlp", 40, 3e-3, 0.70, 8)):
+        for _ in range(n):
+            width = int(np.exp(rng.uniform(np.log(8), np.log(512))))
+            lr = float(np.exp(rng.uniform(np.log(1e-4), np.log(1e-1))))
+            value = top - 0.05 * (np.log(width / best_width) ** 2 + np.log(lr / best_lr) ** 2)
+            study.add_trial(create_trial(
+                value=float(value), params={"architecture": arch, f"{arch}.width": width,
+                                            "lr": lr},
+                distributions={"architecture": TWO, f"{arch}.width": WIDTH[arch], "lr": LR}))
+    widths = []
+    for _ in range(20):
+        study.enqueue_trial({"architecture": "mlp"})
+        trial = study.ask()
+        trial.suggest_categorical("architecture", ["cnn1d", "mlp"])
+        widths.append(trial.suggest_int("mlp.width", 8, 512, log=True))
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        study.tell(trial, state=TrialState.FAIL)  # keep the study as it was
+    mlp = [t for t in study.trials if t.params.get("architecture") == "mlp" and t.value]
+    return widths, max(mlp, key=lambda t: t.value).params["mlp.width"]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trailing_architectures_parameters_are_modelled_on_its_own_trials() -> None:
+    """Over the whole study TPE's good trials are all the leader's: it has nothing good to
+    model the trailing architecture's width on and keeps sampling it broadly. Within the
+    architecture, its proposals stay near its own best trial."""
+    raw = tiny(study={"sampler": {"name": "tpe", "seed": 3}, "min_trials_per_architecture": 4},
+               model={"architecture": {"cnn1d": {}, "mlp": {}}})
+    config = parse_config(raw, "s")
+    whole = optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
+                                       n_startup_trials=8, seed=3)
+    within = build_study_sampler(config)
+    assert isinstance(within, WithinSampler)
+
+    def spread(proposed: tuple[list[int], int]) -> float:
+        """Median distance, in log width, of the proposals from the best trial's width."""
+        widths, best = proposed
+        return float(np.median([abs(np.log(w / best)) for w in widths]))
+
+    assert spread(trailing_widths(within)) < 0.5 * spread(trailing_widths(whole))
 
 
 def test_an_unseeded_study_keeps_one_design_across_reruns(tmp_path: Path) -> None:
@@ -225,8 +310,10 @@ def test_an_unseeded_study_keeps_one_design_across_reruns(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_every_architecture_gets_its_minimum_with_two_workers(tmp_path: Path) -> None:
-    raw = tiny(study={"name": "explore", "n_trials": 6, "min_trials_per_architecture": 2,
-                      "sampler": {"name": "tpe", "seed": 0}},
+    # Two design points each, then a trial that takes only its architecture from the plan:
+    # the workers' samplers pick its parameters from that architecture's trials.
+    raw = tiny(study={"name": "explore", "n_trials": 9, "min_trials_per_architecture": 3,
+                      "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2}},
                train={"max_epochs": 2})
     study_file = write_study(tmp_path, raw)
     proc = subprocess.run([sys.executable, "-m", "hpsearch.run", study_file.name,
@@ -235,7 +322,8 @@ def test_every_architecture_gets_its_minimum_with_two_workers(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     trials = open_results(tmp_path / "res" / "explore").trials
     counts = Counter(t.params["architecture"] for t in trials)
-    assert counts == {"linear": 2, "mlp": 2, "cnn1d": 2}, counts
+    assert counts == {"linear": 3, "mlp": 3, "cnn1d": 3}, counts
+    assert all(t.state == TrialState.COMPLETE for t in trials)
     # Each architecture's own parameters are named by it in Optuna.
     names = {name for t in trials for name in t.params}
     assert {"mlp.hidden", "cnn1d.channels"} <= names and "hidden" not in names

@@ -417,7 +417,7 @@ def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Pat
     study = _starved_study()
     data = compute(
         study, min_trials=4, prune_within_architecture=True, min_trials_to_prune=2,
-        results_dir="results/starved",
+        sample_within_architecture=True, results_dir="results/starved",
         seed_metrics={"cnn": [0.90, 0.91, 0.92], "mlp": [0.84, 0.85, 0.86],
                       "resnet": [0.95, 0.96, 0.97]},
     )
@@ -459,6 +459,8 @@ def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Pat
     assert ("Pruning within architecture (study.prune_within_architecture): on: a trial is "
             "pruned only by comparison with trials of its own architecture, once that "
             "architecture has 2 finished trials (study.min_trials_to_prune)") in markdown
+    assert ("Sampling within architecture (study.sample_within_architecture, TPE): on: the "
+            "architecture is sampled over the whole study") in markdown
     assert "Under-explored: an architecture with fewer than 4 finished" in markdown
 
     page = paths["html"].read_text(encoding="utf-8")
@@ -474,6 +476,8 @@ def test_an_under_explored_architecture_is_labelled_and_not_judged(tmp_path: Pat
     bare = compute(study, min_trials=4)
     assert bare.exploration.command == "python -m hpsearch.run <study file> --n-trials 13"
     assert "Pruning within architecture (study.prune_within_architecture): unknown" in (
+        report_render.render_markdown(bare))
+    assert "Sampling within architecture (study.sample_within_architecture, TPE): unknown" in (
         report_render.render_markdown(bare))
 
 

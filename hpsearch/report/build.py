@@ -11,6 +11,7 @@ from hpsearch.report.compute import compute_report
 from hpsearch.report.measure import Progress, measure
 from hpsearch.report.render import write_report
 from hpsearch.results import ResultsLayout
+from hpsearch.sampling import within_architecture
 from hpsearch.workers.slots import Slot
 
 
@@ -55,5 +56,6 @@ def build_report(
         min_trials=config.study.min_trials_per_architecture,
         prune_within_architecture=config.study.prune_within_architecture,
         min_trials_to_prune=config.study.min_trials_to_prune,
+        sample_within_architecture=within_architecture(config),
     )
     return write_report(data, study, layout)

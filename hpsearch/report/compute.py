@@ -85,6 +85,7 @@ def compute_report(
     min_trials: int = 0,
     prune_within_architecture: bool | None = None,
     min_trials_to_prune: int | None = None,
+    sample_within_architecture: bool | None = None,
 ) -> ReportData:
     """Turn a study into report data; reads the study, writes nothing.
 
@@ -107,6 +108,8 @@ def compute_report(
             None when unknown.
         min_trials_to_prune: ``study.min_trials_to_prune``, for the method notes; None when
             unknown.
+        sample_within_architecture: whether the sampler modelled each architecture on its own
+            trials, for the method notes; None when unknown.
 
     Returns:
         The report data.
@@ -154,7 +157,7 @@ def compute_report(
         verdict=_verdict(architectures, gap, winner, metric),
         exploration=_exploration(
             architectures, min_trials, prune_within_architecture, min_trials_to_prune,
-            counted(trials),
+            sample_within_architecture, counted(trials),
             results_folder,
         ),
         trials=tuple(_trial_row(t, retired) for t in trials),
@@ -415,6 +418,7 @@ def _exploration(
     min_trials: int,
     prune_within_architecture: bool | None,
     min_trials_to_prune: int | None,
+    sample_within_architecture: bool | None,
     counted_trials: int,
     results_folder: str | None,
 ) -> Exploration:
@@ -424,8 +428,8 @@ def _exploration(
         if not a.explored and a.architecture != UNKNOWN_ARCHITECTURE
     ]
     if not under:
-        return Exploration(min_trials, prune_within_architecture, min_trials_to_prune, (), 0,
-                           None, None, None)
+        return Exploration(min_trials, prune_within_architecture, min_trials_to_prune,
+                           sample_within_architecture, (), 0, None, None, None)
     # At least one more each: one still improving when pruned has enough trials but needs one.
     to_add = sum(max(min_trials - a.counts.finished, 1) for a in under)
     n_trials = counted_trials + to_add
@@ -443,6 +447,7 @@ def _exploration(
         min_trials=min_trials,
         prune_within_architecture=prune_within_architecture,
         min_trials_to_prune=min_trials_to_prune,
+        sample_within_architecture=sample_within_architecture,
         under_explored=tuple(a.architecture for a in under),
         trials_to_add=to_add,
         n_trials=n_trials,

@@ -146,6 +146,9 @@ class Exploration(NamedTuple):
     """``study.prune_within_architecture``; None when unknown."""
     min_trials_to_prune: int | None
     """``study.min_trials_to_prune``; None when unknown."""
+    sample_within_architecture: bool | None
+    """Whether the sampler modelled each architecture on its own trials (TPE with
+    ``study.sample_within_architecture``); None when unknown."""
     under_explored: tuple[str, ...]
     """Architectures the verdict does not judge, in table order."""
     trials_to_add: int

@@ -203,6 +203,12 @@ def _method_notes(data: ReportData) -> list[str]:
         "slow starter can be cut against faster ones",
         None: "unknown (not given to the report)",
     }[within]
+    sampling = {
+        True: "on: the architecture is sampled over the whole study, the rest of a trial "
+        "from trials of its own architecture only",
+        False: "off: every parameter is sampled from the trials of every architecture",
+        None: "unknown (not given to the report)",
+    }[data.exploration.sample_within_architecture]
     min_trials = data.exploration.min_trials
     return [
         "Representative: each architecture is described by its trial with the best "
@@ -217,6 +223,7 @@ def _method_notes(data: ReportData) -> list[str]:
         "to add and the command that adds them.",
         f"Minimum trials per architecture (study.min_trials_per_architecture): {min_trials}.",
         f"Pruning within architecture (study.prune_within_architecture): {pruning}.",
+        f"Sampling within architecture (study.sample_within_architecture, TPE): {sampling}.",
         f"Explored architectures are ranked by their representative's validation "
         f"{data.metric} ({data.direction}); the test split never influences the ranking.",
         "Winner: the study's best complete trial, the model best/ holds; a pruned trial "

@@ -34,6 +34,7 @@ from hpsearch.report import build_report
 from hpsearch.results import ResultsLayout, save_config_copy
 from hpsearch.run.progress import Printer, snapshot, summary
 from hpsearch.run.signals import StopSignals
+from hpsearch.sampling import build_study_sampler
 from hpsearch.space import to_optuna_names
 from hpsearch.storage.backends import open_storage, storage_url
 from hpsearch.storage.liveness import recover_stale
@@ -191,7 +192,7 @@ def workers_line(slots: list[Slot], started: str, scheduler: str | None) -> str:
 def check_strategy(config: StudyConfig, source: str, cluster: Any = None) -> list[Slot]:
     """Build the sampler and pruner once, and plan the slots (on the Dask ``cluster``'s
     workers when given), so bad arguments fail before any work. Returns the slots."""
-    for key, build in (("study.sampler", lambda: exploration.build_study_sampler(config)),
+    for key, build in (("study.sampler", lambda: build_study_sampler(config)),
                        ("study.pruner", lambda: build_study_pruner(config))):
         try:
             build()
@@ -298,7 +299,7 @@ def open_run_study(config: StudyConfig, url: str, source: str) -> optuna.Study:
         study_name=config.study.name,
         storage=open_storage(url, config),
         direction=config.study.direction,
-        sampler=exploration.build_study_sampler(config),
+        sampler=build_study_sampler(config),
         pruner=build_study_pruner(config),
         load_if_exists=True,
     )

@@ -4,12 +4,17 @@ writes included, except what a subclass overrides (usually how trials read)."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
+import optuna
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from hpsearch import attrs
+from hpsearch.optuna_private import storage_of
 
 
 class StorageView(BaseStorage):
@@ -52,3 +57,28 @@ class ArchitectureView(StorageView):
                        states: Any = None) -> list[FrozenTrial]:
         trials = self._inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         return [t for t in trials if t.params.get(attrs.ARCHITECTURE) == self.architecture]
+
+
+class ArchitectureStudies:
+    """Study objects that each see one architecture of a study (``ArchitectureView``), built
+    on first use and kept, per study and architecture (the study is kept too, so its id
+    cannot be reused)."""
+
+    def __init__(self, sampler: Callable[[str], BaseSampler] | None = None,
+                 pruner: BasePruner | None = None) -> None:
+        self._sampler, self._pruner = sampler, pruner
+        self._studies: dict[tuple[int, str], tuple[optuna.Study, optuna.Study]] = {}
+
+    def get(self, study: optuna.Study, architecture: str) -> optuna.Study:
+        """``study`` as if it held only ``architecture``'s trials; its sampler is
+        ``sampler(architecture)`` and its pruner ``pruner`` (the study's own where not given)."""
+        key = (id(study), architecture)
+        if key not in self._studies:
+            view = optuna.Study(
+                study_name=study.study_name,
+                storage=ArchitectureView(storage_of(study), architecture),
+                sampler=self._sampler(architecture) if self._sampler else study.sampler,
+                pruner=self._pruner or study.pruner,
+            )
+            self._studies[key] = (study, view)
+        return self._studies[key][1]

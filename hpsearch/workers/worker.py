@@ -41,12 +41,12 @@ from hpsearch.checkpoint.retention import Retention, discard_resume_state
 from hpsearch.checkpoint.study_best import offer_best
 from hpsearch.config import StudyConfig
 from hpsearch.errors import Interrupted
-from hpsearch.exploration import build_study_sampler
 from hpsearch.files import atomic_write_json
 from hpsearch.objective import run_objective_trial
 from hpsearch.optuna_private import ArtifactStore, frozen, tell
 from hpsearch.pruning import build_study_pruner
 from hpsearch.results import ResultsLayout
+from hpsearch.sampling import build_study_sampler
 from hpsearch.space import sample
 from hpsearch.storage.backends import open_storage
 from hpsearch.storage.liveness import HOST, record_storage_heartbeat, write_heartbeat
