@@ -642,6 +642,30 @@ def test_gap_verdict_says_when_a_checkpoint_did_not_reproduce() -> None:
     assert "did not reproduce" not in quiet.gap.text
 
 
+def test_gap_verdict_says_when_the_lead_did_not_hold() -> None:
+    # As seen with a GRU: its checkpoint scored 0.976 and one retrain 0.981, but two stayed
+    # at chance. The interval (0.39 ± 1.3) is too wide to exclude the checkpoint, yet two of
+    # three retrains fell below every retrain of the runner-up.
+    study = known_study()
+    seeds = {"cnn": [0.105, 0.09, 0.981], "mlp": [0.938, 0.911, 0.914]}
+    data = compute(study, seed_metrics=seeds, test_metrics={"cnn": 0.976, "mlp": 0.93})
+    assert (data.gap.leader, data.gap.verdict) == ("cnn", "within noise")
+    assert "outside its retrains' interval" not in data.gap.text
+    assert ("cnn's lead did not hold with fresh seeds: 2 of its 3 retrains (0.105, 0.09 "
+            "test_acc) scored worse than every retrain of mlp") in data.gap.text
+    assert "cnn's lead did not hold" in report_render.render_markdown(data)
+    # Ordinary seed noise in a close race: one retrain below the runner-up's worst is not most.
+    close = compute(study, seed_metrics={"cnn": [0.961, 0.966, 0.97],
+                                         "mlp": [0.963, 0.965, 0.967]},
+                    test_metrics={"cnn": 0.968, "mlp": 0.965})
+    assert close.gap.verdict == "within noise" and "did not hold" not in close.gap.text
+    # A reversed verdict already says the runner-up is ahead.
+    reversed_ = compute(study, seed_metrics={"cnn": [0.80, 0.81, 0.82],
+                                             "mlp": [0.90, 0.91, 0.92]},
+                        test_metrics={"cnn": 0.81, "mlp": 0.91})
+    assert reversed_.gap.verdict == "reversed" and "did not hold" not in reversed_.gap.text
+
+
 def statistics_mean(values: list[float]) -> float:
     return sum(values) / len(values)
 

@@ -243,7 +243,10 @@ def _method_notes(data: ReportData) -> list[str]:
         f"than the noise when {GAP_RULE}. This rule is conservative: overlapping intervals do "
         "not prove the architectures equal. Where either one's best checkpoint scored better "
         "on the test split than its retrains' interval, the verdict says that its "
-        "configuration did not reproduce with fresh seeds.",
+        "configuration did not reproduce with fresh seeds; where most of the leader's "
+        "retrains scored worse than every retrain of the runner-up (seeds that split into "
+        "good and failed runs give an interval too wide to exclude anything), it says that "
+        "the lead did not hold.",
         "Time to best: cumulative training seconds at the end of the representative's best "
         "epoch. Train time sums every trial of the architecture, pruned and failed included.",
     ]
