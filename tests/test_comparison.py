@@ -265,6 +265,39 @@ def trailing_widths(sampler: optuna.samplers.BaseSampler) -> tuple[list[int], in
     return widths, max(mlp, key=lambda t: t.value).params["mlp.width"]
 
 
+def test_each_architectures_stage_sees_the_trials_added_since_its_last_sample() -> None:
+    """The architecture's view is a second study object over the same storage: what it
+    cached for one trial must not hide the trials finished since (TPE reads that cache
+    unless it runs with a constant liar)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raw = tiny(study={"sampler": {"name": "tpe", "seed": 0, "constant_liar": False},
+                      "min_trials_per_architecture": 4},
+               model={"architecture": {"cnn1d": {}, "mlp": {}}})
+    study = optuna.create_study(direction="maximize",
+                                sampler=build_study_sampler(parse_config(raw, "s")))
+
+    def add(width: int, value: float) -> None:
+        study.add_trial(create_trial(
+            value=value, params={"architecture": "mlp", "mlp.width": width},
+            distributions={"architecture": TWO, "mlp.width": WIDTH["mlp"]}))
+
+    def proposed() -> int:
+        study.enqueue_trial({"architecture": "mlp"})
+        trial = study.ask()
+        trial.suggest_categorical("architecture", ["cnn1d", "mlp"])
+        width = trial.suggest_int("mlp.width", 8, 512, log=True)
+        study.tell(trial, state=TrialState.FAIL)
+        return width
+
+    for width in (8, 10, 12, 14, 16, 20, 24, 30):
+        add(width, 0.5 - abs(np.log(width / 12)))
+    proposed()  # the view caches the study as it is now
+    for width in (440, 450, 460):  # far better, far wider
+        add(width, 0.9)
+    widths = [proposed() for _ in range(9)]
+    assert np.median([abs(np.log(w / 450)) for w in widths]) < 0.3, widths
+
+
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_trailing_architectures_parameters_are_modelled_on_its_own_trials() -> None:
     """Over the whole study TPE's good trials are all the leader's: it has nothing good to
