@@ -24,10 +24,11 @@ from pathlib import Path
 import psutil
 import pytest
 from optuna.trial import TrialState
-from processes import pid_alive
+from processes import pid_alive, wait_for
 from services import require
 from studyfiles import write_study
 from test_resilience import (
+    MAX_EPOCHS,
     N_TRIALS,
     Run,
     assert_resumed,
@@ -36,6 +37,7 @@ from test_resilience import (
     open_study,
     study_dict,
     worker_pids,
+    worker_statuses,
 )
 
 from hpsearch.api import Overrides, study_config
@@ -174,6 +176,50 @@ def test_sigkilled_dask_worker_has_its_trial_resumed_on_the_other(tmp_path: Path
     survivor = addresses[next(n for n in WORKERS if n != by_pid[victim])]
     assert survivor in retry.user_attrs["worker"], retry.user_attrs["worker"]
     assert not pid_alive(int(status["pid"]))
+
+
+def test_a_retry_whose_dask_worker_left_runs_after_the_other_worker_ended(
+        tmp_path: Path, cluster: Cluster) -> None:
+    """The other worker ended before the death was known (the running trial looked like this
+    run's own, so it left the retry to that trial's slot, which is gone): the parent starts a
+    worker again on the remaining slot, and the retry runs there."""
+    addresses = cluster.ensure_workers()
+    # One fast trial (few large batches) and one slow one: the fast one's worker ends while
+    # the slow one still trains.
+    study_file = cluster_study(
+        tmp_path, cluster,
+        study={"n_trials": 2, "enqueue": [{"hidden": 48, "batch_size": 250},
+                                          {"hidden": 96, "batch_size": 4}]},
+        train={"batch_size": {"type": "categorical", "choices": [4, 250]}})
+    run = Run(tmp_path, study_file)
+
+    def other_ended_slow_one_trains() -> dict | None:
+        statuses = worker_statuses(run.results)
+        slow = [s for s in statuses if s.get("state") == "training" and s.get("trial") == 1
+                and 1 <= (s.get("epoch") or 0) <= MAX_EPOCHS - 4]
+        if slow and any(s.get("state") == "done" and s["slot"] != slow[0]["slot"]
+                        for s in statuses):
+            return slow[0]
+        return None
+
+    try:
+        status = wait_for(other_ended_slow_one_trains, 120.0,
+                          "one worker done while the other trains", run=run)
+        number = int(status["trial"])
+        victim = dask_worker_of(int(status["pid"]))
+        by_pid = {p.pid: name for name, p in cluster.procs.items()}
+        assert victim in by_pid, (victim, by_pid)
+        os.kill(victim, signal.SIGKILL)
+        rc = run.wait()
+    finally:
+        run.kill()
+    out = run.output()
+    assert rc == 0, out
+    trials = assert_study_sound(run.results, n_trials=2)  # no retry left WAITING
+    assert "every worker has ended: starting one again on slot" in out, out
+    retry = assert_resumed(trials, number, "left the cluster")
+    survivor = addresses[next(n for n in WORKERS if n != by_pid[victim])]
+    assert survivor in retry.user_attrs["worker"], retry.user_attrs["worker"]
 
 
 def test_ctrl_c_stops_remote_workers_with_resume_state_and_a_rerun_finishes(

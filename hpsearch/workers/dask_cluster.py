@@ -39,11 +39,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
+import optuna
 from distributed import Client, Event, Future, as_completed, get_client, secede
+from optuna.trial import TrialState
 
 from hpsearch.config import ResourcesSection
 from hpsearch.errors import ConfigError
 from hpsearch.results import ResultsLayout
+from hpsearch.storage.backends import open_storage
 from hpsearch.workers.slots import Slot, fork_safe
 from hpsearch.workers.supervisor import SlotState, Supervisor, exit_reason
 from hpsearch.workers.worker import WorkerSpec, worker_process
@@ -372,6 +375,9 @@ class DaskSupervisor(Supervisor):
         self._beacon = _Beacon(self.client, self.run_id)
         self._beacon.start()
         self._known = {s.address for s in self.slots}
+        # Deaths whose slot could not start a worker again (its Dask worker left): each may
+        # have queued a retry that no worker of its own will take.
+        self._unclaimed = 0
 
     def _kill_name(self, st: SlotState) -> str:
         return f"{self.run_id}-kill-{st.slot.index}-{st.generation}"
@@ -439,7 +445,37 @@ class DaskSupervisor(Supervisor):
             running = running or not st.finished
         if not stopping:
             running = self._adopt(present) or running
+            if not running and self._unclaimed:
+                running = self._take_up_retry(present)
         return running
+
+    def _handle_death(self, st: SlotState, reason: str, restart: bool,
+                      relaunch: bool = True) -> None:
+        super()._handle_death(st, reason, restart, relaunch)
+        if restart and not relaunch:
+            self._unclaimed += 1
+
+    def _take_up_retry(self, present: set[str]) -> bool:
+        """Every worker has ended, but a retry queued for a trial whose Dask worker left may
+        still wait: the others ended first, each leaving that trial to its own slot, which is
+        gone. Start a worker again on a slot whose Dask worker is still here; it takes the
+        retry. Once per such death, so a retry the budget refuses cannot loop. Returns
+        whether a worker started."""
+        self._unclaimed -= 1
+        study = optuna.load_study(study_name=self.config.study.name,
+                                  storage=open_storage(self.storage, self.config))
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        idle = [st for st in self.states
+                if st.finished and st.error is None and st.slot.address in present]
+        if not waiting or not idle:
+            return False
+        st = idle[0]
+        self.on_event(f"trial {waiting[0].number} waits and every worker has ended: "
+                      f"starting one again on slot {st.slot.index} ({describe(st.slot)})")
+        st.finished = False
+        st.generation += 1
+        self._launch(st)
+        return True
 
     def _adopt(self, present: set[str]) -> bool:
         """Give slots to Dask workers that joined since the start (or came back after they
