@@ -140,6 +140,24 @@ def dask_worker_of(pid: int) -> int:
     return psutil.Process(pid).ppid()
 
 
+def kill_dask_worker_of(cluster: Cluster, status: dict) -> str:
+    """SIGKILL the Dask worker whose task started the hpsearch worker of ``status`` (only
+    ever a process this test started); returns its name."""
+    victim = dask_worker_of(int(status["pid"]))
+    by_pid = {p.pid: name for name, p in cluster.procs.items()}
+    assert victim in by_pid, (victim, by_pid)
+    os.kill(victim, signal.SIGKILL)
+    return by_pid[victim]
+
+
+def assert_resumed_on_the_other(trials: list, number: int, addresses: dict[str, str],
+                                victim: str) -> None:
+    """Trial ``number`` died with its Dask worker and its retry resumed on the other one."""
+    retry = assert_resumed(trials, number, "left the cluster")
+    survivor = addresses[next(n for n in WORKERS if n != victim)]
+    assert survivor in retry.user_attrs["worker"], retry.user_attrs["worker"]
+
+
 def test_study_completes_on_both_dask_workers_and_retrains_there(tmp_path: Path,
                                                                  cluster: Cluster) -> None:
     addresses = cluster.ensure_workers()
@@ -171,11 +189,7 @@ def test_sigkilled_dask_worker_has_its_trial_resumed_on_the_other(tmp_path: Path
     run = Run(tmp_path, study_file)
     try:
         status = mid_training(run, last_epoch=2)
-        victim = dask_worker_of(int(status["pid"]))
-        # Only ever kill a process this test started.
-        by_pid = {p.pid: name for name, p in cluster.procs.items()}
-        assert victim in by_pid, (victim, by_pid)
-        os.kill(victim, signal.SIGKILL)
+        victim = kill_dask_worker_of(cluster, status)
         rc = run.wait()
     finally:
         run.kill()
@@ -187,9 +201,7 @@ def test_sigkilled_dask_worker_has_its_trial_resumed_on_the_other(tmp_path: Path
     assert died is not None and "left the cluster" in out, out
     number = int(died.group(1))
     trials = assert_study_sound(run.results, n_trials=N_TRIALS)
-    retry = assert_resumed(trials, number, "left the cluster")
-    survivor = addresses[next(n for n in WORKERS if n != by_pid[victim])]
-    assert survivor in retry.user_attrs["worker"], retry.user_attrs["worker"]
+    assert_resumed_on_the_other(trials, number, addresses, victim)
     assert not pid_alive(int(status["pid"]))
 
 
@@ -222,10 +234,7 @@ def test_a_retry_whose_dask_worker_left_runs_after_the_other_worker_ended(
         status = wait_for(other_ended_slow_one_trains, 120.0,
                           "one worker done while the other trains", run=run)
         number = int(status["trial"])
-        victim = dask_worker_of(int(status["pid"]))
-        by_pid = {p.pid: name for name, p in cluster.procs.items()}
-        assert victim in by_pid, (victim, by_pid)
-        os.kill(victim, signal.SIGKILL)
+        victim = kill_dask_worker_of(cluster, status)
         rc = run.wait()
     finally:
         run.kill()
@@ -233,9 +242,7 @@ def test_a_retry_whose_dask_worker_left_runs_after_the_other_worker_ended(
     assert rc == 0, out
     trials = assert_study_sound(run.results, n_trials=2)  # no retry left WAITING
     assert "every worker has ended: starting one again on slot" in out, out
-    retry = assert_resumed(trials, number, "left the cluster")
-    survivor = addresses[next(n for n in WORKERS if n != by_pid[victim])]
-    assert survivor in retry.user_attrs["worker"], retry.user_attrs["worker"]
+    assert_resumed_on_the_other(trials, number, addresses, victim)
 
 
 def test_ctrl_c_stops_remote_workers_with_resume_state_and_a_rerun_finishes(
