@@ -65,9 +65,10 @@ def designed(config: StudyConfig) -> int:
     ``n_startup_trials`` where the study file sets it, else ``DESIGN_POINTS``, at most
     ``min_trials_per_architecture``. The rest take only their architecture from the plan, so
     the sampler, modelling that architecture's design points, picks their parameters."""
-    own = (config.study.sampler.model_extra or {}).get("n_startup_trials")
-    return min(config.study.min_trials_per_architecture,
-               int(own) if own is not None else DESIGN_POINTS)
+    own = (config.study.sampler.model_extra or {}).get("n_startup_trials", DESIGN_POINTS)
+    if not isinstance(own, int) or isinstance(own, bool) or own < 0:
+        raise ValueError(f"n_startup_trials must be a whole number of trials, got {own!r}")
+    return min(config.study.min_trials_per_architecture, own)
 
 
 def design_seed(study: optuna.Study, config: StudyConfig) -> int:

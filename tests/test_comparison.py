@@ -219,6 +219,11 @@ def test_tpe_starts_modelling_once_the_exploration_is_done() -> None:
     assert startups(build_study_sampler(own)) == (3, 3)
     no_plan = parse_config(derive(raw, study={"min_trials_per_architecture": 0}), "s")
     assert startups(build_study_sampler(no_plan)) == (10, 10)
+    bad = parse_config(derive(raw, study={"sampler": {"name": "tpe", "n_startup_trials": "4"}}),
+                       "s")
+    with pytest.raises(ValueError, match="n_startup_trials must be a whole number of trials, "
+                                         "got '4'"):
+        build_study_sampler(bad)
 
 
 def test_sampling_within_architecture_is_the_default_for_tpe_and_can_be_turned_off() -> None:
