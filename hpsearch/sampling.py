@@ -87,12 +87,10 @@ class WithinArchitecture(BaseSampler):
         return self._inner[architecture]
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._joint = None
         self.choose.before_trial(study, trial)
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._joint = None
         self.choose.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -123,10 +121,11 @@ def build_study_sampler(config: StudyConfig, seed_offset: int = 0) -> BaseSample
     """
     cfg = config.study.sampler
     archs = list(config.model.architecture)
-    whole = build_sampler(cfg, seed_offset, startup_trials(config))
+    planned = startup_trials(config)
+    whole = build_sampler(cfg, seed_offset, planned)
     if not within_architecture(config):
         return whole
-    own = designed(config) if startup_trials(config) else 0
+    own = designed(config) if planned else 0
 
     def inner(architecture: str) -> BaseSampler:
         # Each architecture draws its own numbers, distinct from the other stage's.

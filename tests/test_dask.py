@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -140,14 +140,23 @@ def dask_worker_of(pid: int) -> int:
     return psutil.Process(pid).ppid()
 
 
-def kill_dask_worker_of(cluster: Cluster, status: dict) -> str:
-    """SIGKILL the Dask worker whose task started the hpsearch worker of ``status`` (only
-    ever a process this test started); returns its name."""
-    victim = dask_worker_of(int(status["pid"]))
-    by_pid = {p.pid: name for name, p in cluster.procs.items()}
-    assert victim in by_pid, (victim, by_pid)
-    os.kill(victim, signal.SIGKILL)
-    return by_pid[victim]
+def lose_a_dask_worker(cluster: Cluster, run: Run, find: Callable[[Run], dict]
+                       ) -> tuple[dict, str, str]:
+    """Wait for the worker status ``find`` returns, SIGKILL the Dask worker whose task started
+    that hpsearch worker (only ever a process this test started), and let the run finish
+    (exit 0). Returns the status, the killed Dask worker's name and the run's output."""
+    try:
+        status = find(run)
+        pid = dask_worker_of(int(status["pid"]))
+        by_pid = {p.pid: name for name, p in cluster.procs.items()}
+        assert pid in by_pid, (pid, by_pid)
+        os.kill(pid, signal.SIGKILL)
+        rc = run.wait()
+    finally:
+        run.kill()
+    out = run.output()
+    assert rc == 0, out
+    return status, by_pid[pid], out
 
 
 def assert_resumed_on_the_other(trials: list, number: int, addresses: dict[str, str],
@@ -187,14 +196,8 @@ def test_sigkilled_dask_worker_has_its_trial_resumed_on_the_other(tmp_path: Path
     # could end before the kill lands.
     study_file = cluster_study(tmp_path, cluster, train={"batch_size": 4})
     run = Run(tmp_path, study_file)
-    try:
-        status = mid_training(run, last_epoch=2)
-        victim = kill_dask_worker_of(cluster, status)
-        rc = run.wait()
-    finally:
-        run.kill()
-    out = run.output()
-    assert rc == 0, out
+    status, victim, out = lose_a_dask_worker(cluster, run,
+                                             lambda run: mid_training(run, last_epoch=2))
     # The trial it ran when the parent learnt of the death: on a loaded machine the one read
     # above may have finished before the kill landed.
     died = re.search(r"died during trial (\d+)", out)
@@ -230,16 +233,10 @@ def test_a_retry_whose_dask_worker_left_runs_after_the_other_worker_ended(
             return slow[0]
         return None
 
-    try:
-        status = wait_for(other_ended_slow_one_trains, 120.0,
-                          "one worker done while the other trains", run=run)
-        number = int(status["trial"])
-        victim = kill_dask_worker_of(cluster, status)
-        rc = run.wait()
-    finally:
-        run.kill()
-    out = run.output()
-    assert rc == 0, out
+    status, victim, out = lose_a_dask_worker(
+        cluster, run, lambda run: wait_for(other_ended_slow_one_trains, 120.0,
+                                           "one worker done while the other trains", run=run))
+    number = int(status["trial"])
     trials = assert_study_sound(run.results, n_trials=2)  # no retry left WAITING
     assert "every worker has ended: starting one again on slot" in out, out
     assert_resumed_on_the_other(trials, number, addresses, victim)
